@@ -1,0 +1,304 @@
+"""The one apply path: read current state, plan against the ledger (or the PDS), write, record.
+
+Change events, the backfill, `audit --fix`, history-loss recovery and the retry of parked work
+all come through here, so they cannot disagree about what a mood's record should be.
+Documents are read directly by `_id` when an event arrives (never taken from the event), so a
+replayed or out-of-date event converges on the current state instead of an old one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+from bson import ObjectId
+from loguru import logger
+
+from . import tid
+from .desired import desired_state
+from .model import Account, Desired, LedgerEntry, State
+from .pds import AuthFailed, XrpcError
+from .plan import Finding, MoodPlan, UserPlan, plan_user
+from .store import Store
+from .writer import AccountGone, RepoWriter
+
+
+@dataclass
+class Outcome:
+    """What an apply did, counted; `findings` are the divergences it saw (for audit/backfill)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    findings: list[Finding] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+
+    def merge(self, other: Outcome) -> None:
+        self.counts.update(other.counts)
+        self.findings.extend(other.findings)
+        self.users |= other.users
+
+
+class Applier:
+    def __init__(
+        self,
+        store: Store,
+        writer: RepoWriter,
+        *,
+        concurrency: int = 8,
+        dry_run: bool = False,
+        only_users: frozenset[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.dry_run = dry_run
+        self.only_users = only_users
+        self._limiter = anyio.CapacityLimiter(max(1, concurrency))
+
+    # -- entry points -----------------------------------------------------------------------
+
+    async def apply_ids(self, ids: Sequence[ObjectId]) -> Outcome:
+        """Bring these moods to their desired state, trusting the ledger for what the PDS holds."""
+        ids = list(dict.fromkeys(ids))
+        docs = await self.store.moods_by_id(ids)
+        ledger = await self.store.ledger_by_id(ids)
+        by_user: dict[str | None, list[ObjectId]] = {}
+        for mood_id in ids:
+            doc, entry = docs.get(mood_id), ledger.get(mood_id)
+            user = _user_of(doc) if doc is not None else (entry.user if entry else None)
+            by_user.setdefault(user, []).append(mood_id)
+        accounts = await self.store.accounts(u for u in by_user if u)
+        outcome = Outcome()
+        purged: set[str] = set()
+
+        async def lane(user: str | None, mood_ids: list[ObjectId]) -> None:
+            account = accounts.get(user) if user else None
+            desired = [
+                desired_state(i, docs.get(i), has_account=account is not None) for i in mood_ids
+            ]
+            async with self._limiter:
+                result = await self._plan_and_apply(user, account, desired, ledger, remote=None)
+            outcome.merge(result)
+            if user and account and any(i not in docs and i in ledger for i in mood_ids):
+                purged.add(user)
+
+        async with anyio.create_task_group() as tg:
+            for user, mood_ids in by_user.items():
+                tg.start_soon(lane, user, mood_ids)
+        # A user whose documents are all gone must end with an empty collection, including
+        # records the ledger never knew (made by the old inline writer).
+        for user in sorted(purged):
+            if not await self.store.user_has_moods(user):
+                outcome.merge(await self.reconcile_user(user, fix=True))
+        return outcome
+
+    async def reconcile_user(self, sub: str, *, fix: bool = True) -> Outcome:
+        """Compare every mood of the user, the ledger and the full listing of the repo."""
+        docs = {d["_id"]: d for d in await self.store.moods_of_user(sub)}
+        ledger = await self.store.ledger_of_user(sub)
+        account = (await self.store.accounts([sub]))[sub]
+        ids = list(dict.fromkeys([*docs, *ledger]))
+        desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
+        remote = None
+        if account is not None:
+            remote = await self.writer.pds.list_records(account.did)
+        async with self._limiter:
+            return await self._plan_and_apply(
+                sub, account, desired, ledger, remote=remote, whole_user=True, fix=fix
+            )
+
+    async def retry_parked(self) -> Outcome:
+        ids = await self.store.parked_ids()
+        return await self.apply_ids(ids) if ids else Outcome()
+
+    # -- the core of it ---------------------------------------------------------------------
+
+    async def _plan_and_apply(
+        self,
+        user: str | None,
+        account: Account | None,
+        desired: list[Desired],
+        ledger: dict[ObjectId, LedgerEntry],
+        *,
+        remote: Any,
+        whole_user: bool = False,
+        fix: bool = True,
+    ) -> Outcome:
+        outcome = Outcome()
+        if user:
+            outcome.users.add(user)
+        if self.only_users is not None and user not in self.only_users:
+            outcome.counts["not_enabled"] += len(desired)
+            return outcome
+        plan = plan_user(
+            user, account, desired, ledger, tid.from_object_id,
+            remote=remote, whole_user=whole_user, fix=fix,
+        )  # fmt: skip
+        if account is not None:
+            await self._avoid_collisions(plan, account, ledger, remote)
+        for mood in plan.moods:
+            outcome.findings.extend(mood.findings)
+        outcome.findings.extend(plan.findings)
+        if self.dry_run:
+            self._count(outcome, plan, applied=False)
+            return outcome
+        writes = plan.writes
+        try:
+            if writes:
+                if account is None:
+                    raise AccountGone(user or "?")
+                cids = await self.writer.apply(account, writes)
+                plan = _with_cids(plan, cids)
+        except AccountGone:
+            self._account_gone(plan)
+        except AuthFailed as exc:
+            await self._park(
+                plan, f"PDS refused the account's password ({exc.error or exc.status})"
+            )
+            outcome.counts["parked"] += sum(1 for m in plan.moods if m.writes)
+            return outcome
+        except XrpcError as exc:
+            if exc.transient:
+                raise
+            await self._apply_one_by_one(plan, account, outcome)
+            return outcome
+        await self._record(plan, ledger)
+        self._count(outcome, plan, applied=True)
+        return outcome
+
+    async def _avoid_collisions(
+        self, plan: UserPlan, account: Account, ledger: dict[ObjectId, LedgerEntry], remote: Any
+    ) -> None:
+        """A derived TID already used by another mood's record gets the next salt."""
+        for i, mood in enumerate(plan.moods):
+            put = next((w for w in mood.writes if w.action == "put"), None)
+            if put is None or mood.desired.doc_rkey or ledger.get(mood.mood_id):
+                continue
+            salt = 0
+            rkey = put.rkey
+            while (owner := await self.store.rkey_owner(account.did, rkey)) not in (
+                None,
+                mood.mood_id,
+            ):
+                salt += 1
+                rkey = tid.from_object_id(mood.mood_id, salt)
+                logger.warning("rkey collision with mood {}: salted to {}", owner, rkey)
+            if rkey != put.rkey:
+                writes = [replace(w, rkey=rkey) if w is put else w for w in mood.writes]
+                plan.moods[i] = replace(
+                    mood, writes=writes, entry=replace(mood.entry, rkey=rkey), writeback=rkey
+                )
+
+    async def _apply_one_by_one(
+        self, plan: UserPlan, account: Account | None, outcome: Outcome
+    ) -> None:
+        """A write the PDS refuses for good parks its mood only; the user's other moods flow."""
+        assert account is not None
+        done: list[MoodPlan] = []
+        for mood in plan.moods:
+            try:
+                cids = await self.writer.apply(account, mood.writes)
+            except XrpcError as exc:
+                if exc.transient:
+                    raise
+                reason = f"PDS refused the write: {exc}"
+                await self._park(UserPlan(plan.user, account, [mood]), reason)
+                outcome.counts["parked"] += 1
+                continue
+            done.append(_with_cids(UserPlan(plan.user, account, [mood]), cids).moods[0])
+        if plan.sweep:
+            await self.writer.apply(account, plan.sweep)
+        applied = UserPlan(plan.user, account, done, plan.sweep)
+        await self._record(applied, {})
+        self._count(outcome, applied, applied=True)
+
+    def _account_gone(self, plan: UserPlan) -> None:
+        """Deletes on a vanished account are done; puts cannot be, so they are parked."""
+        for i, mood in enumerate(plan.moods):
+            if any(w.action == "put" for w in mood.writes):
+                plan.moods[i] = replace(
+                    mood,
+                    writes=[],
+                    writeback=None,
+                    entry=replace(
+                        mood.entry, state=State.PARKED, hash=None, reason="account gone from PDS"
+                    ),
+                )
+            else:
+                plan.moods[i] = replace(mood, writes=[])
+        plan.sweep = []
+
+    async def _park(self, plan: UserPlan, reason: str) -> None:
+        entries = []
+        for mood in plan.moods:
+            if not mood.writes:
+                continue
+            entries.append(replace(mood.entry, state=State.PARKED, hash=None, reason=reason))
+            did = plan.account.did if plan.account else None
+            await self.store.dead_letter(mood.mood_id, plan.user, did, reason)
+            logger.bind(mood_id=str(mood.mood_id), did=did).warning("parked: {}", reason)
+        await self.store.save_entries(entries)
+
+    async def _record(self, plan: UserPlan, before: dict[ObjectId, LedgerEntry]) -> None:
+        changed = [m.entry for m in plan.moods if _entry_changed(before.get(m.mood_id), m.entry)]
+        await self.store.save_entries(changed)
+        await self.store.write_back_many(
+            {m.mood_id: m.writeback for m in plan.moods if m.writeback}
+        )
+        invalid = [m for m in plan.moods if m.entry.state is State.INVALID]
+        for mood in invalid:
+            before_entry = before.get(mood.mood_id)
+            if before_entry is None or before_entry.reason != mood.entry.reason:
+                await self.store.dead_letter(
+                    mood.mood_id, plan.user, mood.entry.did, mood.entry.reason or "invalid"
+                )
+                logger.bind(mood_id=str(mood.mood_id), did=mood.entry.did).warning(
+                    "invalid mood: {}", mood.entry.reason
+                )
+        fixed = [
+            m.mood_id
+            for m in plan.moods
+            if m.entry.state is not State.INVALID
+            and before.get(m.mood_id) is not None
+            and before[m.mood_id].state in (State.INVALID, State.PARKED)
+        ]
+        await self.store.clear_dead_letters(fixed)
+
+    @staticmethod
+    def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
+        prefix = "" if applied else "would_"
+        for mood in plan.moods:
+            puts = sum(1 for w in mood.writes if w.action == "put")
+            deletes = sum(1 for w in mood.writes if w.action == "delete")
+            outcome.counts[f"{prefix}put"] += puts
+            outcome.counts[f"{prefix}delete"] += deletes
+            if not mood.writes:
+                outcome.counts[f"unchanged_{mood.entry.state.value}"] += 1
+        outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
+
+
+def _user_of(doc: dict[str, Any]) -> str | None:
+    user = doc.get("user")
+    return user if isinstance(user, str) and user else None
+
+
+def _entry_changed(before: LedgerEntry | None, after: LedgerEntry) -> bool:
+    if before is None:
+        return True
+    if after.cid is None and before.cid is not None and after.hash == before.hash:
+        after = replace(after, cid=before.cid)
+    return replace(before, attempts=0) != replace(after, attempts=0)
+
+
+def _with_cids(plan: UserPlan, cids: dict[str, str | None]) -> UserPlan:
+    moods = []
+    for mood in plan.moods:
+        if mood.entry.state is State.PRESENT and mood.entry.rkey in cids:
+            mood = replace(mood, entry=replace(mood.entry, cid=cids[mood.entry.rkey]))
+        moods.append(mood)
+    return UserPlan(plan.user, plan.account, moods, plan.sweep, plan.findings)
+
+
+def ids_of(items: Iterable[ObjectId]) -> list[ObjectId]:
+    return list(dict.fromkeys(items))

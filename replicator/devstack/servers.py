@@ -1,0 +1,146 @@
+"""The two servers of the local stack: MongoDB (wire-protocol, embedded) and the reference PDS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .node import PDS_DIR, ensure_pds_installed, node_binary, npm_env
+from .procs import Child, StackError, free_port, port_open
+
+MONGO_READY_TIMEOUT = 30.0
+PDS_READY_TIMEOUT = 120.0
+# dev-env's fixed admin password (TestNetworkNoAppView); only the local stack uses it.
+LOCAL_PDS_ADMIN_PASSWORD = "admin-pass"
+_NX_MAIN = "import sys; from nx_27017.nx_27017 import main; sys.exit(main())"
+
+
+def _http_ok(url: str) -> bool:
+    with (
+        contextlib.suppress(OSError, ValueError),
+        urllib.request.urlopen(url, timeout=1) as resp,  # noqa: S310 - loopback URL we built
+    ):
+        return bool(resp.status == 200)
+    return False
+
+
+@dataclass
+class EmbeddedMongo:
+    """nx-27017: a MongoDB wire-protocol server on SQLite, with change streams.
+
+    Data lives in `data_dir` and survives a stop and start, which the fault tests rely on.
+    """
+
+    data_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    child: Child | None = field(default=None, init=False)
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    def start(self) -> EmbeddedMongo:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            if not self.port or attempt:
+                self.port = free_port(self.host)
+            pid_file = self.data_dir / f"nx-27017-{self.port}.pid"
+            pid_file.unlink(missing_ok=True)
+            argv = [
+                sys.executable, "-c", _NX_MAIN, "--data-dir", str(self.data_dir),
+                "--host", self.host, "-p", str(self.port), "--pid-file", str(pid_file),
+                "--log-file", str(self.data_dir / "server.log"),
+            ]  # fmt: skip
+            self.child = Child("mongodb (nx-27017)", argv, self.data_dir / "stdout.log")
+            try:
+                self.child.wait_ready(
+                    lambda: port_open(self.host, self.port),
+                    timeout=MONGO_READY_TIMEOUT,
+                    what=f"listening on {self.host}:{self.port}",
+                )
+                return self
+            except StackError:
+                self.child.stop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+
+@dataclass
+class LocalPDS:
+    """The reference PDS and an in-memory PLC from `@atproto/dev-env`, on Node 22.
+
+    Its state is in temporary SQLite files and the in-memory PLC: a restart is a new network.
+    """
+
+    log_dir: Path
+    port: int = 0
+    plc_port: int = 0
+    child: Child | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}"
+
+    admin_password = LOCAL_PDS_ADMIN_PASSWORD
+
+    def start(self) -> LocalPDS:
+        ensure_pds_installed()
+        for attempt in range(3):
+            if not self.port or attempt:
+                self.port = free_port()
+            if not self.plc_port or attempt:
+                self.plc_port = free_port()
+            env = npm_env()
+            env.update(PDS_PORT=str(self.port), PLC_PORT=str(self.plc_port), LOG_ENABLED="false")
+            env.setdefault("NODE_ENV", "development")
+            self.child = Child(
+                "PDS (@atproto/dev-env)",
+                [str(node_binary()), str(PDS_DIR / "pds.mjs")],
+                self.log_dir / f"pds-{self.port}.log",
+                env=env,
+                cwd=PDS_DIR,
+            )
+            try:
+                self.child.wait_ready(
+                    lambda: _http_ok(f"{self.url}/xrpc/_health"),
+                    timeout=PDS_READY_TIMEOUT,
+                    what=f"answering {self.url}/xrpc/_health (PLC on port {self.plc_port})",
+                )
+                return self
+            except StackError:
+                self.child.stop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+def describe(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{url}/xrpc/com.atproto.server.describeServer", timeout=5) as r:  # noqa: S310
+        return dict(json.loads(r.read()))
+
+
+def state_dir() -> Path:
+    """Project-local folder for the stack's data and logs (`REPLICATOR_STATE_DIR` overrides)."""
+    base = os.environ.get("REPLICATOR_STATE_DIR")
+    if base:
+        return Path(base)
+    return Path.cwd() / ".state"

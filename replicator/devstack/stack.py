@@ -1,0 +1,83 @@
+"""The local stack as one object: external servers when configured, embedded ones otherwise."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from .servers import EmbeddedMongo, LocalPDS, state_dir
+
+
+@dataclass
+class LocalStack:
+    """`MONGODB_CONNECTION_STRING` / `PDS_URL` win; otherwise embedded servers are started.
+
+    Data and logs go to `state` (default `./.state`): `mongo/` persists across runs.
+    """
+
+    mongodb_uri: str | None = None
+    pds_url: str | None = None
+    pds_admin_password: str | None = None
+    state: Path = field(default_factory=state_dir)
+    mongo: EmbeddedMongo | None = field(default=None, init=False)
+    pds: LocalPDS | None = field(default=None, init=False)
+
+    @classmethod
+    def from_env(cls, state: Path | None = None, *, prefix: str = "") -> LocalStack:
+        """`prefix="REPLICATOR_TEST_"` reads the test suite's variables instead."""
+        mongo = os.environ.get(f"{prefix}MONGODB_URI" if prefix else "MONGODB_CONNECTION_STRING")
+        return cls(
+            mongodb_uri=mongo or None,
+            pds_url=os.environ.get(f"{prefix}PDS_URL") or None,
+            pds_admin_password=os.environ.get("PDS_ADMIN_PASSWORD") or None,
+            state=state or state_dir(),
+        )
+
+    def start(self) -> LocalStack:
+        _stop_on_signals(self)
+        try:
+            if self.mongodb_uri is None:
+                self.mongo = EmbeddedMongo(self.state / "mongo").start()
+                self.mongodb_uri = self.mongo.uri
+            if self.pds_url is None:
+                self.pds = LocalPDS(self.state / "logs").start()
+                self.pds_url = self.pds.url
+                self.pds_admin_password = self.pds.admin_password
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.pds is not None:
+            self.pds.stop()
+        if self.mongo is not None:
+            self.mongo.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _stop_on_signals(stack: LocalStack) -> None:
+    """SIGTERM stops the children before we go; atexit covers a normal exit. (A kill -9 of the
+    parent is covered by PR_SET_PDEATHSIG in the children.)"""
+    atexit.register(stack.stop)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+
+        def on_term(signum: int, frame: object) -> None:
+            stack.stop()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_term)

@@ -1,0 +1,55 @@
+"""Logging: readable on a terminal, JSON lines with `REPLICATOR_LOG_FORMAT=json`.
+
+Every line passes through a filter that masks anything that looks like a credential, so a
+password or token that slipped into an exception message never reaches the log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+from loguru import logger
+
+_SECRET_PATTERNS = [
+    re.compile(
+        r"(?i)(password|passwd|pwd|accessJwt|refreshJwt|token|authorization|bearer)"
+        r"(['\"]?\s*[:=]\s*['\"]?|\s+)([^\s'\",}]+)"
+    ),
+    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),  # JWTs
+    re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]+)(@)"),
+]
+
+
+def redact(text: str) -> str:
+    text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _SECRET_PATTERNS[1].sub("***", text)
+    return _SECRET_PATTERNS[2].sub(r"\1***\3", text)
+
+
+def _patch(record: Any) -> None:
+    record["message"] = redact(record["message"])
+    if record["exception"] is not None:
+        exc = record["exception"]
+        if exc.value is not None:
+            record["extra"]["error"] = redact(f"{type(exc.value).__name__}: {exc.value}")
+            record["exception"] = None  # tracebacks can hold local variables' secrets
+
+
+def setup(level: str | None = None, fmt: str | None = None) -> None:
+    level = level or os.environ.get("REPLICATOR_LOG_LEVEL", "INFO")
+    fmt = fmt or os.environ.get("REPLICATOR_LOG_FORMAT", "text")
+    logger.remove()
+    logger.configure(patcher=_patch)
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True)
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            colorize=sys.stderr.isatty(),
+            format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <8}</level> "
+            "{message} <dim>{extra}</dim>",
+        )

@@ -1,0 +1,61 @@
+"""Wiring: settings → Mongo store, PDS client, sessions, writer, applier. One place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from .apply import Applier
+from .config import Settings
+from .pds import Pds
+from .sessions import SessionPool
+from .store import Store, connect
+from .stream import Replicator
+from .writer import RepoWriter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    pds: Pds
+    sessions: SessionPool
+    writer: RepoWriter
+    applier: Applier
+
+    def replicator(self) -> Replicator:
+        s = self.settings
+        return Replicator(
+            self.store,
+            self.applier,
+            batch_size=s.batch_size,
+            max_await_ms=s.max_await_ms,
+            heartbeat_seconds=s.heartbeat_seconds,
+            parked_retry_seconds=s.parked_retry_seconds,
+            on_history_lost=s.on_history_lost,
+        )
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings, *, retry_timeout: float | None = None
+) -> AsyncIterator[Runtime]:
+    client = connect(settings.mongodb_uri)
+    pds = Pds(settings.pds_url, timeout=settings.http_timeout, retry_timeout=retry_timeout)
+    try:
+        store = Store(client, settings.db_name, settings.names)
+        await store.ensure_indexes()
+        sessions = SessionPool(pds, store)
+        writer = RepoWriter(sessions)
+        applier = Applier(
+            store,
+            writer,
+            concurrency=settings.concurrency,
+            dry_run=settings.dry_run,
+            only_users=frozenset(settings.only_users) if settings.only_users else None,
+        )
+        yield Runtime(settings, store, pds, sessions, writer, applier)
+    finally:
+        await pds.aclose()
+        await client.close()

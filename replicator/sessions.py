@@ -1,0 +1,137 @@
+"""One PDS session per account, reused, refreshed, and kept in Mongo across restarts.
+
+The PDS allows 30 `createSession` per 5 minutes and 300 per day per account: logging in per
+write (what the app's inline writer did) or on every restart would lock busy users out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from .model import Account
+from .pds import AuthFailed, Pds, XrpcError
+
+
+@dataclass
+class Session:
+    access: str
+    refresh: str
+
+
+class SessionStore(Protocol):
+    async def load_session(self, did: str) -> Session | None: ...
+    async def save_session(self, did: str, session: Session) -> None: ...
+    async def drop_session(self, did: str) -> None: ...
+
+
+class MemorySessionStore:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    async def load_session(self, did: str) -> Session | None:
+        return self.sessions.get(did)
+
+    async def save_session(self, did: str, session: Session) -> None:
+        self.sessions[did] = session
+
+    async def drop_session(self, did: str) -> None:
+        self.sessions.pop(did, None)
+
+
+class SessionPool:
+    def __init__(
+        self,
+        pds: Pds,
+        store: SessionStore,
+        on_login: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pds = pds
+        self.store = store
+        self._cache: dict[str, Session] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._on_login = on_login
+        self.logins = 0
+        self.refreshes = 0
+
+    def _lock(self, did: str) -> anyio.Lock:
+        return self._locks.setdefault(did, anyio.Lock())
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._cache)
+
+    async def _login(self, account: Account) -> Session:
+        try:
+            out = await self.pds.retrying(
+                lambda: self.pds.xrpc(
+                    "com.atproto.server.createSession",
+                    body={"identifier": account.did, "password": account.password},
+                )
+            )
+        except XrpcError as exc:
+            if exc.status in (400, 401) and not exc.account_gone:
+                raise AuthFailed(exc.nsid, exc.status, exc.error, exc.message) from None
+            raise
+        self.logins += 1
+        if self._on_login:
+            self._on_login(account.did)
+        session = Session(out["accessJwt"], out["refreshJwt"])
+        await self.store.save_session(account.did, session)
+        return session
+
+    async def _refresh(self, account: Account, stale: Session) -> Session:
+        try:
+            out = await self.pds.retrying(
+                lambda: self.pds.xrpc(
+                    "com.atproto.server.refreshSession", body={}, token=stale.refresh
+                )
+            )
+        except XrpcError as exc:
+            if exc.transient:
+                raise
+            return await self._login(account)  # refresh token expired or revoked: log in once
+        self.refreshes += 1
+        session = Session(out["accessJwt"], out["refreshJwt"])
+        await self.store.save_session(account.did, session)
+        return session
+
+    async def session(self, account: Account) -> Session:
+        cached = self._cache.get(account.did)
+        if cached is not None:
+            return cached
+        async with self._lock(account.did):
+            cached = self._cache.get(account.did)
+            if cached is None:
+                cached = await self.store.load_session(account.did) or await self._login(account)
+                self._cache[account.did] = cached
+            return cached
+
+    async def _renew(self, account: Account, stale: Session) -> Session:
+        async with self._lock(account.did):
+            current = self._cache.get(account.did)
+            if current is not None and current.access != stale.access:
+                return current  # another task already renewed it
+            fresh = await self._refresh(account, stale)
+            self._cache[account.did] = fresh
+            return fresh
+
+    async def call(
+        self, account: Account, fn: Callable[[str], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """Run `fn(access_token)` with transient retries; on a token error renew and retry once."""
+        session = await self.session(account)
+        try:
+            return await self.pds.retrying(lambda: fn(session.access))
+        except XrpcError as exc:
+            if not exc.token_problem or exc.account_gone:
+                raise
+        session = await self._renew(account, session)
+        return await self.pds.retrying(lambda: fn(session.access))
+
+    async def forget(self, did: str) -> None:
+        self._cache.pop(did, None)
+        await self.store.drop_session(did)

@@ -1,0 +1,258 @@
+"""MongoDB: the app's collections (read) and the replicator's own (`replicator_*`).
+
+Everything the replicator knows survives in Mongo next to the data it mirrors: the resume
+token, the ledger of what the PDS holds, sessions and dead letters. No local state file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import AsyncMongoClient, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .model import Account, LedgerEntry, State
+from .sessions import Session
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Names:
+    """Collection names; the production names are the defaults (the test server refuses `@`)."""
+
+    moods: str = "moods"
+    users: str = "users"
+    handles: str = "@handles"
+    prefix: str = "replicator_"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.prefix}ledger"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}state"
+
+    @property
+    def sessions(self) -> str:
+        return f"{self.prefix}sessions"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}dead_letters"
+
+
+def connect(uri: str) -> AsyncMongoClient[Doc]:
+    return AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
+
+
+def account_from_user(doc: Mapping[str, Any] | None) -> Account | None:
+    """An account needs a DID and a password; anything less is "no ATProto account"."""
+    if not doc:
+        return None
+    atproto = doc.get("atproto")
+    if not isinstance(atproto, Mapping):
+        return None
+    did, password = atproto.get("did"), atproto.get("password")
+    if not (isinstance(did, str) and did.startswith("did:") and isinstance(password, str)):
+        return None
+    if not password:
+        return None
+    handle = atproto.get("handle")
+    return Account(str(doc["_id"]), did, handle if isinstance(handle, str) else None, password)
+
+
+def entry_from_doc(doc: Mapping[str, Any]) -> LedgerEntry:
+    return LedgerEntry(
+        mood_id=doc["_id"],
+        user=doc.get("user"),
+        state=State(doc.get("state", State.ABSENT)),
+        did=doc.get("did"),
+        rkey=doc.get("rkey"),
+        hash=doc.get("hash"),
+        cid=doc.get("cid"),
+        reason=doc.get("reason"),
+        attempts=int(doc.get("attempts", 0)),
+    )
+
+
+def entry_to_doc(entry: LedgerEntry) -> Doc:
+    return {
+        "user": entry.user,
+        "state": entry.state.value,
+        "did": entry.did,
+        "rkey": entry.rkey,
+        "hash": entry.hash,
+        "cid": entry.cid,
+        "reason": entry.reason,
+    }
+
+
+class Store:
+    def __init__(self, client: AsyncMongoClient[Doc], db_name: str, names: Names) -> None:
+        self.client = client
+        self.db: AsyncDatabase[Doc] = client[db_name]
+        self.names = names
+        self.moods: AsyncCollection[Doc] = self.db[names.moods]
+        self.users: AsyncCollection[Doc] = self.db[names.users]
+        self.handles: AsyncCollection[Doc] = self.db[names.handles]
+        self.ledger: AsyncCollection[Doc] = self.db[names.ledger]
+        self.state: AsyncCollection[Doc] = self.db[names.state]
+        self.sessions: AsyncCollection[Doc] = self.db[names.sessions]
+        self.dead_letters: AsyncCollection[Doc] = self.db[names.dead_letters]
+
+    async def ensure_indexes(self) -> None:
+        await self.ledger.create_index("user")
+        await self.ledger.create_index([("did", 1), ("rkey", 1)])
+        await self.ledger.create_index("state")
+        await self.dead_letters.create_index("user")
+
+    # -- the app's data ---------------------------------------------------------------------
+
+    async def moods_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, Doc]:
+        if not ids:
+            return {}
+        return {d["_id"]: d async for d in self.moods.find({"_id": {"$in": list(ids)}})}
+
+    async def moods_of_user(self, sub: str) -> list[Doc]:
+        return [d async for d in self.moods.find({"user": sub}).sort("_id", 1)]
+
+    async def user_has_moods(self, sub: str) -> bool:
+        return await self.moods.find_one({"user": sub}, {"_id": 1}) is not None
+
+    async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
+        wanted = sorted(set(subs))
+        found: dict[str, Account | None] = dict.fromkeys(wanted)
+        if wanted:
+            async for doc in self.users.find({"_id": {"$in": wanted}}):
+                found[str(doc["_id"])] = account_from_user(doc)
+        return found
+
+    async def resolve_user(self, who: str) -> str | None:
+        """A sub, or `@handle` looked up in the handles collection."""
+        if not who.startswith("@"):
+            return who
+        doc = await self.handles.find_one({"handle": who[1:]})
+        return str(doc["_id"]) if doc else None
+
+    async def write_back_rkey(self, mood_id: ObjectId, rkey: str) -> None:
+        """`$set atproto.rkey` only on a live document: never resurrect a deleted one."""
+        await self.moods.update_one(
+            {"_id": mood_id, "atproto.rkey": {"$ne": rkey}},
+            {"$set": {"atproto.rkey": rkey}},
+        )
+
+    async def write_back_many(self, rkeys: Mapping[ObjectId, str]) -> None:
+        if rkeys:
+            await self.moods.bulk_write(
+                [
+                    UpdateOne({"_id": i, "atproto.rkey": {"$ne": r}}, {"$set": {"atproto.rkey": r}})
+                    for i, r in rkeys.items()
+                ],
+                ordered=False,
+            )
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    async def ledger_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, LedgerEntry]:
+        if not ids:
+            return {}
+        cursor = self.ledger.find({"_id": {"$in": list(ids)}})
+        return {d["_id"]: entry_from_doc(d) async for d in cursor}
+
+    async def ledger_of_user(self, sub: str) -> dict[ObjectId, LedgerEntry]:
+        return {d["_id"]: entry_from_doc(d) async for d in self.ledger.find({"user": sub})}
+
+    async def rkey_owner(self, did: str, rkey: str) -> ObjectId | None:
+        doc = await self.ledger.find_one({"did": did, "rkey": rkey}, {"_id": 1})
+        return doc["_id"] if doc else None
+
+    async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
+        if not entries:
+            return
+        now = datetime.now(UTC)
+        await self.ledger.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": e.mood_id},
+                    {"$set": {**entry_to_doc(e), "updated_at": now}},
+                    upsert=True,
+                )
+                for e in entries
+            ],
+            ordered=False,
+        )
+
+    async def ledger_counts(self) -> dict[str, int]:
+        cursor = await self.ledger.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
+        return {str(d["_id"]): int(d["n"]) async for d in cursor}
+
+    async def parked_ids(self, limit: int = 500) -> list[ObjectId]:
+        cursor = self.ledger.find({"state": State.PARKED.value}, {"_id": 1}).limit(limit)
+        return [d["_id"] async for d in cursor]
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def _checkpoint_id(self) -> str:
+        return f"checkpoint:{self.names.moods}"
+
+    async def load_checkpoint(self) -> Doc | None:
+        return await self.state.find_one({"_id": self._checkpoint_id()})
+
+    async def save_checkpoint(self, token: Mapping[str, Any], **extra: Any) -> None:
+        await self.state.update_one(
+            {"_id": self._checkpoint_id()},
+            {"$set": {"token": dict(token), "saved_at": datetime.now(UTC), **extra}},
+            upsert=True,
+        )
+
+    async def clear_checkpoint(self) -> None:
+        await self.state.delete_one({"_id": self._checkpoint_id()})
+
+    # -- sessions (SessionStore) --------------------------------------------------------------
+
+    async def load_session(self, did: str) -> Session | None:
+        doc = await self.sessions.find_one({"_id": did})
+        if not doc:
+            return None
+        return Session(doc["access"], doc["refresh"])
+
+    async def save_session(self, did: str, session: Session) -> None:
+        await self.sessions.update_one(
+            {"_id": did},
+            {"$set": {"access": session.access, "refresh": session.refresh,
+                      "saved_at": datetime.now(UTC)}},
+            upsert=True,
+        )  # fmt: skip
+
+    async def drop_session(self, did: str) -> None:
+        await self.sessions.delete_one({"_id": did})
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    async def dead_letter(
+        self, mood_id: ObjectId, user: str | None, did: str | None, reason: str
+    ) -> None:
+        now = datetime.now(UTC)
+        await self.dead_letters.update_one(
+            {"_id": mood_id},
+            {
+                "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
+                "$setOnInsert": {"first_at": now},
+                "$inc": {"attempts": 1},
+            },
+            upsert=True,
+        )
+
+    async def clear_dead_letters(self, ids: Sequence[ObjectId]) -> None:
+        if ids:
+            await self.dead_letters.delete_many({"_id": {"$in": list(ids)}})
+
+    async def dead_letter_count(self) -> int:
+        return await self.dead_letters.count_documents({})

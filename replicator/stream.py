@@ -1,0 +1,230 @@
+"""Tail the `moods` change stream, apply in batches, checkpoint only what is applied.
+
+Modelled on PyMongo's own `change_stream.py` resume logic: the resume token saved is always
+one whose every preceding event has been applied (at-least-once delivery + idempotent apply).
+`try_next()` returns None on an empty batch, which still moves the post-batch resume token
+forward: saving it on a quiet collection keeps the token inside the oplog window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import anyio
+from bson import ObjectId, Timestamp
+from loguru import logger
+from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from .apply import Applier
+from .store import Doc, Store
+
+HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
+                      260: "InvalidResumeToken"}  # fmt: skip
+_DOC_EVENTS = frozenset({"insert", "update", "replace", "delete"})
+_END_EVENTS = frozenset({"invalidate", "drop", "rename", "dropDatabase"})
+
+OpenStream = Callable[[Mapping[str, Any] | None], Awaitable[AsyncChangeStream[Doc]]]
+
+
+class StreamInvalidated(RuntimeError):
+    """The collection was dropped or renamed: the stream cannot go on."""
+
+
+class HistoryLost(RuntimeError):
+    """The saved position is no longer in the oplog (or was never valid)."""
+
+
+def cluster_seconds(change: Mapping[str, Any]) -> float | None:
+    value = change.get("clusterTime") or change.get("wallTime")
+    if isinstance(value, Timestamp):
+        return float(value.time)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
+class Replicator:
+    def __init__(
+        self,
+        store: Store,
+        applier: Applier,
+        *,
+        batch_size: int = 500,
+        max_await_ms: int = 500,
+        heartbeat_seconds: float = 5.0,
+        parked_retry_seconds: float = 60.0,
+        on_history_lost: Literal["reconcile", "fail"] = "reconcile",
+        open_stream: OpenStream | None = None,
+        on_batch: Callable[[int, float | None], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.applier = applier
+        self.batch_size = batch_size
+        self.max_await_ms = max_await_ms
+        self.heartbeat_seconds = heartbeat_seconds
+        self.parked_retry_seconds = parked_retry_seconds
+        self.on_history_lost = on_history_lost
+        self._open_stream = open_stream or self._watch
+        self._on_batch = on_batch
+        self.events_applied = 0
+        self.last_event_at: float | None = None
+        self.stream_open = False
+        self.last_checkpoint_at: float | None = None
+        self._saved_token: Mapping[str, Any] | None = None
+
+    async def _watch(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
+        return await self.store.moods.watch(
+            full_document="updateLookup",
+            start_after=dict(token) if token else None,
+            max_await_time_ms=self.max_await_ms,
+            batch_size=self.batch_size,
+        )
+
+    async def run(self, stop: anyio.Event) -> None:
+        """Until `stop` is set; reconnects on connection errors, from the last checkpoint."""
+        checkpoint = await self.store.load_checkpoint()
+        self._saved_token = checkpoint["token"] if checkpoint else None
+        if self._saved_token is None:
+            logger.info(
+                "no checkpoint for {}: starting at the current position; "
+                "run `replicator backfill` to mirror the moods that exist already",
+                self.store.names.moods,
+            )
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                stream = await self._open(self._saved_token)
+                try:
+                    delay = 0.5
+                    await self._pump(stream, stop)
+                finally:
+                    self.stream_open = False
+                    await stream.close()
+            except ConnectionFailure as exc:
+                logger.warning("MongoDB unreachable ({}); reconnecting in {:.1f}s", exc, delay)
+                with anyio.move_on_after(delay):
+                    await stop.wait()
+                delay = min(delay * 2, 30.0)
+
+    async def _open(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
+        try:
+            stream = await self._open_stream(token)
+            if token is None:
+                await self._checkpoint(stream.resume_token, force=True)
+            self.stream_open = True
+            return stream
+        except OperationFailure as exc:
+            if exc.code not in HISTORY_LOST_CODES:
+                raise
+            return await self._recover(exc)
+
+    async def _recover(self, exc: OperationFailure) -> AsyncChangeStream[Doc]:
+        cause = HISTORY_LOST_CODES.get(exc.code or 0, str(exc.code))
+        if self.on_history_lost == "fail":
+            logger.critical(
+                "change stream history lost ({} {}): the saved resume token cannot be used. "
+                "Exiting (--on-history-lost=fail). Recover with `replicator run "
+                "--on-history-lost=reconcile` or `replicator backfill` + `audit --fix`.",
+                exc.code, cause,
+            )  # fmt: skip
+            raise HistoryLost(f"{cause} (code {exc.code})") from None
+        logger.critical(
+            "change stream history lost ({} {}): events since the last checkpoint are gone. "
+            "Recovery: opening a new stream position first, reconciling every mood against the "
+            "ledger and the PDS, then continuing from that position.",
+            exc.code, cause,
+        )  # fmt: skip
+        stream = await self._open_stream(None)
+        position = stream.resume_token
+        subs = set(await self.store.moods.distinct("user")) | set(
+            await self.store.ledger.distinct("user")
+        )
+        users = sorted(s for s in subs if isinstance(s, str) and s)
+        for user in users:
+            await self.applier.reconcile_user(user, fix=True)
+        await self._checkpoint(position, force=True)
+        logger.warning("history-loss recovery done: {} users reconciled", len(users))
+        self.stream_open = True
+        return stream
+
+    async def _pump(self, stream: AsyncChangeStream[Doc], stop: anyio.Event) -> None:
+        next_parked = time.monotonic() + self.parked_retry_seconds
+        while not stop.is_set():
+            started = time.monotonic()
+            batch: list[Doc] = []
+            while len(batch) < self.batch_size and not stop.is_set():
+                change = await stream.try_next()
+                if change is None:
+                    break
+                batch.append(change)
+            if batch:
+                await self._apply_batch(stream, batch)
+            else:
+                await self._checkpoint(stream.resume_token)
+                if time.monotonic() - started < self.max_await_ms / 4000:
+                    # The server answered an empty batch at once: wait a little, not spin.
+                    with anyio.move_on_after(self.max_await_ms / 1000):
+                        await stop.wait()
+            if time.monotonic() >= next_parked:
+                next_parked = time.monotonic() + self.parked_retry_seconds
+                await self.applier.retry_parked()
+
+    async def _apply_batch(self, stream: AsyncChangeStream[Doc], batch: list[Doc]) -> None:
+        ids: list[ObjectId] = []
+        end: Doc | None = None
+        applied_upto: Mapping[str, Any] | None = None
+        for change in batch:
+            op = change.get("operationType")
+            if op in _END_EVENTS:
+                end = change
+                break
+            applied_upto = change["_id"]
+            if op not in _DOC_EVENTS:
+                continue
+            mood_id = (change.get("documentKey") or {}).get("_id")
+            if isinstance(mood_id, ObjectId):
+                ids.append(mood_id)
+            else:
+                reason = f"_id is not an ObjectId ({type(mood_id).__name__})"
+                logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
+                await self.store.dead_letter(mood_id, None, None, reason)  # type: ignore[arg-type]
+        if ids:
+            await self.applier.apply_ids(ids)
+        self.events_applied += len(batch) if end is None else batch.index(end)
+        seconds = [s for s in map(cluster_seconds, batch) if s is not None]
+        if seconds:
+            self.last_event_at = max(seconds)
+        if self._on_batch:
+            self._on_batch(len(ids), self.last_event_at)
+        if end is not None:
+            if applied_upto is not None:
+                await self._checkpoint(applied_upto, force=True)
+            raise StreamInvalidated(
+                f"the change stream on {self.store.names.moods!r} ended with "
+                f"{end.get('operationType')!r}: the collection was dropped or renamed"
+            )
+        await self._checkpoint(stream.resume_token, force=True)
+
+    async def _checkpoint(self, token: Mapping[str, Any] | None, *, force: bool = False) -> None:
+        if token is None:
+            return
+        now = time.monotonic()
+        fresh = self.last_checkpoint_at is not None and (
+            now - self.last_checkpoint_at < self.heartbeat_seconds
+        )
+        if not force and token == self._saved_token and fresh:
+            return
+        extra: dict[str, Any] = {"events_applied": self.events_applied}
+        if self.last_event_at is not None and math.isfinite(self.last_event_at):
+            extra["last_event_at"] = datetime.fromtimestamp(self.last_event_at, UTC)
+        await self.store.save_checkpoint(token, **extra)
+        self._saved_token = dict(token)
+        self.last_checkpoint_at = now
+
+
+__all__ = ["HistoryLost", "PyMongoError", "Replicator", "StreamInvalidated"]

@@ -1,0 +1,96 @@
+"""Apply one account's writes: single calls for one write, `applyWrites` batches for bursts.
+
+All three calls are idempotent with a fixed rkey, which is what makes replays after a crash
+safe. A batch is one commit and fails as a whole (a `create` of a record that exists, a delete
+of one that is gone): then its writes are applied one by one, each idempotent on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .model import Account, Write
+from .pds import MOOD_COLLECTION, XrpcError, chunks, put_body, write_op
+from .sessions import SessionPool
+
+
+class AccountGone(Exception):
+    """The account no longer exists on the PDS."""
+
+
+class RepoWriter:
+    def __init__(self, sessions: SessionPool, *, batch: bool = True) -> None:
+        self.sessions = sessions
+        self.pds = sessions.pds
+        self.batch = batch
+        self.batches = 0
+        self.batch_fallbacks = 0
+        self.single_calls = 0
+
+    async def apply(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
+        """Returns the new CID per rkey written (None for deletes)."""
+        results: dict[str, str | None] = {}
+        if not writes:
+            return results
+        try:
+            if len(writes) == 1 or not self.batch:
+                for write in writes:
+                    results[write.rkey] = await self._single(account, write)
+                return results
+            for part in chunks(writes):
+                results.update(await self._batch(account, part))
+        except XrpcError as exc:
+            if exc.account_gone:
+                raise AccountGone(account.did) from None
+            raise
+        return results
+
+    async def _single(self, account: Account, write: Write) -> str | None:
+        self.single_calls += 1
+        if write.action == "delete":
+            body = {"repo": account.did, "collection": MOOD_COLLECTION, "rkey": write.rkey}
+            await self.sessions.call(
+                account,
+                lambda t: self.pds.xrpc("com.atproto.repo.deleteRecord", body=body, token=t),
+            )
+            return None
+        assert write.record is not None
+        put = put_body(account.did, write.rkey, write.record)
+        out = await self.sessions.call(
+            account, lambda t: self.pds.xrpc("com.atproto.repo.putRecord", body=put, token=t)
+        )
+        cid = out.get("cid")
+        return str(cid) if cid else None
+
+    async def _batch(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
+        body: dict[str, Any] = {"repo": account.did, "writes": [write_op(w) for w in writes]}
+        try:
+            self.batches += 1
+            out = await self.sessions.call(account, lambda t: self._apply_writes_once(body, t))
+        except _BatchRejected:
+            self.batch_fallbacks += 1
+            return {w.rkey: await self._single(account, w) for w in writes}
+        results: dict[str, str | None] = {}
+        for write, result in zip(writes, out.get("results", []), strict=False):
+            cid = result.get("cid") if isinstance(result, dict) else None
+            results[write.rkey] = str(cid) if cid else None
+        for write in writes[len(results) :]:
+            results[write.rkey] = None
+        return results
+
+    async def _apply_writes_once(self, body: dict[str, Any], token: str) -> dict[str, Any]:
+        try:
+            return await self.pds.xrpc("com.atproto.repo.applyWrites", body=body, token=token)
+        except XrpcError as exc:
+            # A batch whose premise was wrong (create of an existing record, delete or update of
+            # a missing one) is refused whole, as a 400 or (reference PDS) a 500.
+            if exc.status in (400, 500) and not exc.token_problem and not exc.account_gone:
+                raise _BatchRejected(exc.nsid, exc.status, exc.error, exc.message) from None
+            raise
+
+
+class _BatchRejected(XrpcError):
+    @property
+    def transient(self) -> bool:
+        return False
