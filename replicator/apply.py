@@ -102,7 +102,12 @@ class Applier:
         desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
         remote = None
         if account is not None:
-            remote = await self.writer.pds.list_records(account.did)
+            try:
+                remote = await self.writer.pds.list_records(account.did)
+            except XrpcError as exc:
+                if not exc.account_gone:
+                    raise
+                remote = []  # the repo is gone: nothing to delete, puts get parked
         async with self._limiter:
             return await self._plan_and_apply(
                 sub, account, desired, ledger, remote=remote, whole_user=True, fix=fix

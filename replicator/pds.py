@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -118,6 +119,7 @@ class Pds:
         self.retry_timeout = retry_timeout
         self._on_request = on_request
         self._on_retry = on_retry
+        self.requests: Counter[str] = Counter()  # by NSID, for status and tests
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -133,6 +135,7 @@ class Pds:
     ) -> dict[str, Any]:
         """One call, no retry."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.requests[nsid] += 1
         url = f"{self.base_url}/xrpc/{nsid}"
         try:
             if body is None:

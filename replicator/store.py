@@ -2,19 +2,23 @@
 
 Everything the replicator knows survives in Mongo next to the data it mirrors: the resume
 token, the ledger of what the PDS holds, sessions and dead letters. No local state file.
+The replicator's own documents are keyed by strings (a mood's ledger entry by its id in hex,
+the `ref` its record carries) and stamp times as epoch seconds, which every tool compares
+without a date parser.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
 from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from .model import Account, LedgerEntry, State
 from .sessions import Session
@@ -70,7 +74,7 @@ def account_from_user(doc: Mapping[str, Any] | None) -> Account | None:
 
 def entry_from_doc(doc: Mapping[str, Any]) -> LedgerEntry:
     return LedgerEntry(
-        mood_id=doc["_id"],
+        mood_id=ObjectId(doc["_id"]),
         user=doc.get("user"),
         state=State(doc.get("state", State.ABSENT)),
         did=doc.get("did"),
@@ -141,46 +145,47 @@ class Store:
         doc = await self.handles.find_one({"handle": who[1:]})
         return str(doc["_id"]) if doc else None
 
-    async def write_back_rkey(self, mood_id: ObjectId, rkey: str) -> None:
-        """`$set atproto.rkey` only on a live document: never resurrect a deleted one."""
-        await self.moods.update_one(
-            {"_id": mood_id, "atproto.rkey": {"$ne": rkey}},
-            {"$set": {"atproto.rkey": rkey}},
-        )
-
     async def write_back_many(self, rkeys: Mapping[ObjectId, str]) -> None:
-        if rkeys:
+        """`$set atproto.rkey`, never upserting: a deleted document is not resurrected. Only
+        called when the document's rkey differs, so the replicator's own update is rare."""
+        if not rkeys:
+            return
+        items = list(rkeys.items())
+        try:
             await self.moods.bulk_write(
-                [
-                    UpdateOne({"_id": i, "atproto.rkey": {"$ne": r}}, {"$set": {"atproto.rkey": r}})
-                    for i, r in rkeys.items()
-                ],
+                [UpdateOne({"_id": i}, {"$set": {"atproto.rkey": r}}) for i, r in items],
                 ordered=False,
             )
+        except BulkWriteError as exc:
+            # `atproto` holds something that is not an object (bad input): replace it.
+            for error in exc.details.get("writeErrors", []):
+                mood_id, rkey = items[error["index"]]
+                await self.moods.update_one({"_id": mood_id}, {"$set": {"atproto": {"rkey": rkey}}})
 
     # -- ledger -----------------------------------------------------------------------------
 
     async def ledger_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, LedgerEntry]:
         if not ids:
             return {}
-        cursor = self.ledger.find({"_id": {"$in": list(ids)}})
-        return {d["_id"]: entry_from_doc(d) async for d in cursor}
+        cursor = self.ledger.find({"_id": {"$in": [str(i) for i in ids]}})
+        return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
 
     async def ledger_of_user(self, sub: str) -> dict[ObjectId, LedgerEntry]:
-        return {d["_id"]: entry_from_doc(d) async for d in self.ledger.find({"user": sub})}
+        cursor = self.ledger.find({"user": sub})
+        return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
 
     async def rkey_owner(self, did: str, rkey: str) -> ObjectId | None:
         doc = await self.ledger.find_one({"did": did, "rkey": rkey}, {"_id": 1})
-        return doc["_id"] if doc else None
+        return ObjectId(doc["_id"]) if doc else None
 
     async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
         if not entries:
             return
-        now = datetime.now(UTC)
+        now = time.time()
         await self.ledger.bulk_write(
             [
                 UpdateOne(
-                    {"_id": e.mood_id},
+                    {"_id": str(e.mood_id)},
                     {"$set": {**entry_to_doc(e), "updated_at": now}},
                     upsert=True,
                 )
@@ -195,7 +200,7 @@ class Store:
 
     async def parked_ids(self, limit: int = 500) -> list[ObjectId]:
         cursor = self.ledger.find({"state": State.PARKED.value}, {"_id": 1}).limit(limit)
-        return [d["_id"] async for d in cursor]
+        return [ObjectId(d["_id"]) async for d in cursor]
 
     # -- checkpoint ---------------------------------------------------------------------------
 
@@ -208,7 +213,7 @@ class Store:
     async def save_checkpoint(self, token: Mapping[str, Any], **extra: Any) -> None:
         await self.state.update_one(
             {"_id": self._checkpoint_id()},
-            {"$set": {"token": dict(token), "saved_at": datetime.now(UTC), **extra}},
+            {"$set": {"token": dict(token), "saved_at": time.time(), **extra}},
             upsert=True,
         )
 
@@ -227,7 +232,7 @@ class Store:
         await self.sessions.update_one(
             {"_id": did},
             {"$set": {"access": session.access, "refresh": session.refresh,
-                      "saved_at": datetime.now(UTC)}},
+                      "saved_at": time.time()}},
             upsert=True,
         )  # fmt: skip
 
@@ -237,11 +242,13 @@ class Store:
     # -- dead letters -------------------------------------------------------------------------
 
     async def dead_letter(
-        self, mood_id: ObjectId, user: str | None, did: str | None, reason: str
+        self, mood_id: Any, user: str | None, did: str | None, reason: str
     ) -> None:
-        now = datetime.now(UTC)
+        """Keyed by the mood id (hex, or the repr of an id that is not an ObjectId)."""
+        now = time.time()
+        key = str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
         await self.dead_letters.update_one(
-            {"_id": mood_id},
+            {"_id": key},
             {
                 "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
                 "$setOnInsert": {"first_at": now},
@@ -252,7 +259,7 @@ class Store:
 
     async def clear_dead_letters(self, ids: Sequence[ObjectId]) -> None:
         if ids:
-            await self.dead_letters.delete_many({"_id": {"$in": list(ids)}})
+            await self.dead_letters.delete_many({"_id": {"$in": [str(i) for i in ids]}})
 
     async def dead_letter_count(self) -> int:
         return await self.dead_letters.count_documents({})

@@ -192,7 +192,7 @@ class Replicator:
             else:
                 reason = f"_id is not an ObjectId ({type(mood_id).__name__})"
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
-                await self.store.dead_letter(mood_id, None, None, reason)  # type: ignore[arg-type]
+                await self.store.dead_letter(mood_id, None, None, reason)
         if ids:
             await self.applier.apply_ids(ids)
         self.events_applied += len(batch) if end is None else batch.index(end)
@@ -221,7 +221,7 @@ class Replicator:
             return
         extra: dict[str, Any] = {"events_applied": self.events_applied}
         if self.last_event_at is not None and math.isfinite(self.last_event_at):
-            extra["last_event_at"] = datetime.fromtimestamp(self.last_event_at, UTC)
+            extra["last_event_at"] = self.last_event_at
         await self.store.save_checkpoint(token, **extra)
         self._saved_token = dict(token)
         self.last_checkpoint_at = now

@@ -1,0 +1,124 @@
+"""Helpers for integration tests: run the replicator in-process, wait for conditions, read
+the PDS as any client would, and state what the PDS must hold (computed from Mongo)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+
+from replicator.desired import desired_state
+from replicator.model import State
+from replicator.runtime import Runtime
+from replicator.store import Store
+from replicator.stream import OpenStream, Replicator
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        await anyio.sleep(0.1)
+
+
+def make_replicator(rt: Runtime, open_stream: OpenStream | None = None, **kw: Any) -> Replicator:
+    s = rt.settings
+    return Replicator(
+        rt.store,
+        rt.applier,
+        batch_size=kw.pop("batch_size", s.batch_size),
+        max_await_ms=s.max_await_ms,
+        heartbeat_seconds=s.heartbeat_seconds,
+        parked_retry_seconds=s.parked_retry_seconds,
+        open_stream=open_stream,
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def running(
+    rt: Runtime, open_stream: OpenStream | None = None, **kw: Any
+) -> AsyncIterator[Replicator]:
+    replicator = make_replicator(rt, open_stream, **kw)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replicator.run, stop)
+
+        async def is_open() -> bool:
+            return replicator.stream_open
+
+        await eventually(is_open, 20, "change stream open")
+        try:
+            yield replicator
+        finally:
+            stop.set()
+
+
+async def records(pds_url: str, did: str) -> dict[str, dict[str, Any]]:
+    """rkey → value, listing every page, as an AppView would."""
+    out: dict[str, dict[str, Any]] = {}
+    cursor = None
+    async with httpx.AsyncClient(timeout=30) as http:
+        while True:
+            params: dict[str, Any] = {"repo": did, "collection": "computer.aesthetic.mood",
+                                      "limit": 100}  # fmt: skip
+            if cursor:
+                params["cursor"] = cursor
+            resp = await http.get(f"{pds_url}/xrpc/com.atproto.repo.listRecords", params=params)
+            resp.raise_for_status()
+            page = resp.json()
+            for item in page["records"]:
+                out[item["uri"].rsplit("/", 1)[-1]] = item["value"]
+            cursor = page.get("cursor")
+            if not cursor or not page["records"]:
+                return out
+
+
+async def latest_rev(pds_url: str, did: str) -> str:
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(
+            f"{pds_url}/xrpc/com.atproto.sync.getLatestCommit", params={"did": did}
+        )
+        resp.raise_for_status()
+        return str(resp.json()["rev"])
+
+
+async def expected_records(store: Store, sub: str) -> dict[str, dict[str, Any]]:
+    """What the user's collection must hold: one record per live mood, under the document's
+    written-back `atproto.rkey`. Computed from Mongo alone."""
+    account = (await store.accounts([sub]))[sub]
+    out: dict[str, dict[str, Any]] = {}
+    for doc in await store.moods_of_user(sub):
+        desired = desired_state(doc["_id"], doc, has_account=account is not None)
+        if desired.state is State.PRESENT:
+            rkey = (doc.get("atproto") or {}).get("rkey")
+            assert rkey, f"mood {doc['_id']} has no written-back rkey"
+            assert desired.record is not None
+            out[rkey] = desired.record
+    return out
+
+
+async def diff(store: Store, pds_url: str, sub: str, did: str) -> dict[str, Any]:
+    """Missing, unexpected and differing records between Mongo's desired state and the PDS."""
+    want = await expected_records(store, sub)
+    have = await records(pds_url, did)
+    refs = [v.get("ref") for v in have.values()]
+    return {
+        "missing": sorted(set(want) - set(have)),
+        "unexpected": sorted(set(have) - set(want)),
+        "different": sorted(k for k in set(want) & set(have) if want[k] != have[k]),
+        "duplicate_refs": sorted({r for r in refs if refs.count(r) > 1}),
+    }
+
+
+def clean(d: dict[str, Any]) -> bool:
+    return not any(d.values())
