@@ -46,7 +46,10 @@ def is_deleted(value: Any) -> bool:
 def format_when(value: Any) -> str:
     if not isinstance(value, datetime):
         raise InvalidMood(f"when: expected a date, got {type(value).__name__}")
-    dt: datetime = value.astimezone(UTC) if value.tzinfo is not None else value
+    try:
+        dt: datetime = value.astimezone(UTC) if value.tzinfo is not None else value
+    except OverflowError:
+        raise InvalidMood("when: out of range once converted to UTC") from None
     # Formatted by hand: strftime's %Y drops the leading zeros of years before 1000.
     return (
         f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"

@@ -44,7 +44,9 @@ class LedgerEntry:
     @property
     def on_pds(self) -> bool:
         return self.state is State.PRESENT or (
-            self.state in (State.INVALID, State.PARKED) and self.hash is not None
+            self.state in (State.INVALID, State.PARKED)
+            and self.rkey is not None
+            and (self.hash is not None or self.cid is not None)
         )
 
 

@@ -111,6 +111,13 @@ def plan_mood(
         held = [(entry.did, entry.rkey)]
     user = desired.user or (entry.user if entry else None)
     findings: list[Finding] = []
+    if account is not None:
+        # Only the account's own repo can be written with its credentials: a record left in
+        # a repo of a DID the user no longer has is reported, not written to.
+        for h_did, h_rkey in held:
+            if h_did != account.did:
+                findings.append(Finding("stale", h_did, h_rkey, mood_id, "another DID's repo"))
+        held = [h for h in held if h[0] == account.did]
 
     if desired.state is State.PRESENT and account is not None:
         assert desired.record is not None
@@ -149,10 +156,15 @@ def plan_mood(
         # Keep whatever the PDS has: a bad edit must not destroy the user's record.
         findings.append(Finding("invalid", did, None, mood_id, desired.reason or ""))
         kept = entry if entry is not None else LedgerEntry(mood_id, user, State.INVALID)
+        k_did, k_rkey, k_hash, k_cid = kept.did, kept.rkey, kept.hash, kept.cid
+        if not kept.on_pds:
+            k_hash = k_cid = None
+        if remote is not None and held:  # the listing is the truth about what the PDS has
+            k_did, k_rkey = held[0]
+            k_cid = remote.by_rkey[k_rkey].cid or "unknown"
         new_entry = LedgerEntry(
-            mood_id, user, State.INVALID, kept.did, kept.rkey,
-            kept.hash if kept.on_pds else None, kept.cid, desired.reason,
-        )  # fmt: skip
+            mood_id, user, State.INVALID, k_did, k_rkey, k_hash, k_cid, desired.reason
+        )
         return MoodPlan(mood_id, desired, [], new_entry, None, findings)
 
     # ABSENT (deleted/nuked) or SKIPPED (no account): no record may exist.

@@ -36,11 +36,11 @@ def decode(tid: str) -> int:
 
 
 def is_tid(value: object) -> bool:
-    return isinstance(value, str) and _TID_RE.match(value) is not None
+    return isinstance(value, str) and _TID_RE.fullmatch(value) is not None
 
 
 def is_record_key(value: object) -> bool:
-    return isinstance(value, str) and value not in {".", ".."} and bool(_RKEY_RE.match(value))
+    return isinstance(value, str) and value not in {".", ".."} and bool(_RKEY_RE.fullmatch(value))
 
 
 def from_object_id(oid: ObjectId, salt: int = 0) -> str:

@@ -131,9 +131,7 @@ def replica_set_uri(docker_available: bool) -> Iterator[str]:
         admin.admin.command(
             "replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": "localhost:27017"}]}
         )
-        yield (
-            f"mongodb://{mongo.username}:{mongo.password}@{host}:{port}/?directConnection=true"
-        )
+        yield (f"mongodb://{mongo.username}:{mongo.password}@{host}:{port}/?directConnection=true")
 
 
 __all__ = ["TEST_NAMES", "Users", "connect", "env_for", "with_settings"]

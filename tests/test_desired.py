@@ -346,10 +346,5 @@ def test_doc_rkey_without_atproto() -> None:
     assert doc_rkey(make_doc()) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: is_tid's regex ends in `$`, which matches before a trailing newline, so "
-    "doc_rkey returns '3kabcdefghij2\\n' (newline included) as the document's rkey",
-)
 def test_doc_rkey_rejects_trailing_newline() -> None:
     assert doc_rkey({"atproto": {"rkey": RKEY + "\n"}}) is None

@@ -195,9 +195,7 @@ async def test_quiet_collection_token_still_saved_and_nothing_replayed(
     assert sum(rt.pds.requests.values()) == calls
 
 
-async def test_history_lost_reconciles_everything_then_continues(
-    rt: Runtime, users: Users
-) -> None:
+async def test_history_lost_reconciles_everything_then_continues(rt: Runtime, users: Users) -> None:
     user = await users.make()
     kept = await insert_mood(rt.store, user.sub, "kept", when=WHEN)
     gone = await insert_mood(rt.store, user.sub, "gone", when=WHEN)

@@ -80,11 +80,6 @@ def test_is_tid_rejects(value: object) -> None:
     assert not tid.is_tid(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _TID_RE uses `$`, which also matches before a trailing newline, so "
-    "is_tid('3jzfcijpj2z2a\\n') is True (use fullmatch or \\Z)",
-)
 def test_is_tid_rejects_trailing_newline() -> None:
     assert not tid.is_tid("3jzfcijpj2z2a\n")
 
@@ -213,11 +208,6 @@ def test_is_record_key_rejects(value: object) -> None:
     assert not tid.is_record_key(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _RKEY_RE uses `$`, which also matches before a trailing newline, so "
-    "is_record_key('abc\\n') and a 512-char key plus '\\n' (513 chars) are accepted",
-)
 @pytest.mark.parametrize("value", ["abc\n", "a" * 512 + "\n"])
 def test_is_record_key_rejects_trailing_newline(value: str) -> None:
     assert not tid.is_record_key(value)
