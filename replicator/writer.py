@@ -12,6 +12,7 @@ from typing import Any
 
 from .model import Account, Write
 from .pds import MOOD_COLLECTION, XrpcError, chunks, put_body, write_op
+from .ratelimit import TokenBucket
 from .sessions import SessionPool
 
 
@@ -20,10 +21,13 @@ class AccountGone(Exception):
 
 
 class RepoWriter:
-    def __init__(self, sessions: SessionPool, *, batch: bool = True) -> None:
+    def __init__(
+        self, sessions: SessionPool, *, batch: bool = True, rate: TokenBucket | None = None
+    ) -> None:
         self.sessions = sessions
         self.pds = sessions.pds
         self.batch = batch
+        self.rate = rate  # global writes/second budget, shared by every lane
         self.batches = 0
         self.batch_fallbacks = 0
         self.single_calls = 0
@@ -48,6 +52,8 @@ class RepoWriter:
 
     async def _single(self, account: Account, write: Write) -> str | None:
         self.single_calls += 1
+        if self.rate is not None:
+            await self.rate.take(1)
         if write.action == "delete":
             body = {"repo": account.did, "collection": MOOD_COLLECTION, "rkey": write.rkey}
             await self.sessions.call(
@@ -65,6 +71,8 @@ class RepoWriter:
 
     async def _batch(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
         body: dict[str, Any] = {"repo": account.did, "writes": [write_op(w) for w in writes]}
+        if self.rate is not None:
+            await self.rate.take(len(writes))
         try:
             self.batches += 1
             out = await self.sessions.call(account, lambda t: self._apply_writes_once(body, t))

@@ -36,7 +36,10 @@ def node_binary() -> Path:
 def npm_env() -> dict[str, str]:
     """Environment for npm: the wheel's node first on PATH, its headers for node-gyp."""
     env = dict(os.environ)
-    env["PATH"] = f"{wheel_root() / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    # The venv's `npm`/`npx` wrappers first (the wheel's own bin/npm is an unresolved link),
+    # then the wheel's real `node`.
+    venv_bin = Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join([str(venv_bin), str(wheel_root() / "bin"), env.get("PATH", "")])
     env["npm_config_nodedir"] = str(wheel_root())
     env.setdefault("npm_config_fund", "false")
     env.setdefault("npm_config_audit", "false")
@@ -49,13 +52,13 @@ def pds_installed() -> bool:
 
 def install_pds(*, quiet: bool = False) -> None:
     """`npm ci` from the committed lockfile; compiles better-sqlite3 against Node 22's headers."""
-    npm = wheel_root() / "bin" / "npm"
-    if not npm.exists():
-        raise NodeUnavailableError(f"npm not found at {npm}")
+    npm_cli = wheel_root() / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    if not npm_cli.exists():
+        raise NodeUnavailableError(f"npm not found at {npm_cli}")
     if not quiet:
         print("installing the reference PDS (npm ci, about 2 minutes)...", file=sys.stderr)
     out = subprocess.run(
-        [str(npm), "ci", "--no-audit", "--no-fund"],
+        [str(node_binary()), str(npm_cli), "ci", "--no-audit", "--no-fund"],
         cwd=PDS_DIR,
         env=npm_env(),
         capture_output=True,
