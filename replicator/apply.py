@@ -145,6 +145,12 @@ class Applier:
         for mood in plan.moods:
             outcome.findings.extend(mood.findings)
         outcome.findings.extend(plan.findings)
+        if remote is not None:
+            outcome.counts["records_listed"] += len(remote)
+            outcome.counts["users_with_account"] += account is not None
+        outcome.counts["ledger_out_of_date"] += sum(
+            _entry_changed(ledger.get(m.mood_id), m.entry) for m in plan.moods
+        )
         if self.dry_run:
             self._count(outcome, plan, applied=False)
             return outcome
@@ -158,10 +164,13 @@ class Applier:
         except AccountGone:
             self._account_gone(plan)
         except AuthFailed as exc:
-            await self._park(
-                plan, f"PDS refused the account's password ({exc.error or exc.status})"
-            )
-            outcome.counts["parked"] += sum(1 for m in plan.moods if m.writes)
+            reason = f"PDS refused the account's password ({exc.error or exc.status})"
+            await self._park(plan, reason)
+            for mood in plan.moods:
+                if mood.writes:
+                    outcome.counts["parked"] += 1
+                    did = account.did if account else None
+                    outcome.findings.append(Finding("parked", did, None, mood.mood_id, reason))
             return outcome
         except XrpcError as exc:
             if exc.transient:
@@ -210,6 +219,7 @@ class Applier:
                 reason = f"PDS refused the write: {exc}"
                 await self._park(UserPlan(plan.user, account, [mood]), reason)
                 outcome.counts["parked"] += 1
+                outcome.findings.append(Finding("parked", account.did, None, mood.mood_id, reason))
                 continue
             done.append(_with_cids(UserPlan(plan.user, account, [mood]), cids).moods[0])
         if plan.sweep:
@@ -274,6 +284,9 @@ class Applier:
     def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
         prefix = "" if applied else "would_"
         for mood in plan.moods:
+            outcome.counts["moods"] += 1
+            outcome.counts[f"mood_{mood.desired.state.value}"] += 1
+            outcome.counts["adopted"] += mood.adopted
             puts = sum(1 for w in mood.writes if w.action == "put")
             deletes = sum(1 for w in mood.writes if w.action == "delete")
             outcome.counts[f"{prefix}put"] += puts

@@ -17,56 +17,17 @@ import click
 from loguru import logger
 
 from . import logs
+from .commands.backfill import audit_command, backfill
+from .commands.common import connection_options, settings_from
 from .commands.lexicon import lexicon
-from .config import DEFAULT_DB, Settings, redact_uri
+from .config import Settings, redact_uri
 from .runtime import open_runtime
-from .store import Names
 from .stream import HistoryLost, StreamInvalidated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_HISTORY_LOST = 3
 EXIT_INVALIDATED = 4
-
-
-def connection_options(fn: F) -> F:
-    """Where the data lives; each flag also reads the app's own environment variable."""
-    options = [
-        click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
-                     help="MongoDB connection string (a replica set: change streams need one)."),
-        click.option("--db", "db_name", envvar="MONGODB_NAME", show_envvar=True,
-                     default=DEFAULT_DB, show_default=True, help="Database holding `moods`."),
-        click.option("--pds-url", envvar="PDS_URL", show_envvar=True,
-                     help="Base URL of the PDS hosting the users' repos."),
-        click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
-                     show_envvar=True, default="moods", show_default=True),
-        click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
-                     show_envvar=True, default="users", show_default=True),
-        click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
-                     show_envvar=True, default="@handles", show_default=True),
-        click.option("--concurrency", envvar="REPLICATOR_CONCURRENCY", show_envvar=True,
-                     type=click.IntRange(1, 256), default=8, show_default=True,
-                     help="Users whose writes are applied in parallel."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
-    if not kw.get("mongodb_uri"):
-        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    if not kw.get("pds_url"):
-        raise click.UsageError("set PDS_URL or --pds-url")
-    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
-    return Settings(
-        mongodb_uri=kw["mongodb_uri"],
-        db_name=kw["db_name"],
-        pds_url=kw["pds_url"],
-        names=names,
-        concurrency=kw["concurrency"],
-        **extra,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -81,6 +42,8 @@ def main() -> None:
 
 
 main.add_command(lexicon)
+main.add_command(backfill)
+main.add_command(audit_command)
 
 
 def run_options(fn: F) -> F:

@@ -16,7 +16,9 @@ from bson import ObjectId
 
 from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 
-FindingKind = Literal["missing", "mismatch", "duplicate", "orphan", "stale", "invalid", "skipped"]
+FindingKind = Literal[
+    "missing", "mismatch", "duplicate", "orphan", "stale", "invalid", "skipped", "parked"
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class MoodPlan:
     entry: LedgerEntry
     writeback: str | None = None  # rkey to `$set` as `atproto.rkey` on the document
     findings: list[Finding] = field(default_factory=list)
+    adopted: bool = False  # a record already on the PDS now known to the ledger
 
     @property
     def changes_ledger(self) -> bool:
@@ -150,7 +153,12 @@ def plan_mood(
             cid = remote.by_rkey[rkey].cid
         new_entry = LedgerEntry(mood_id, user, State.PRESENT, account.did, rkey, desired.hash, cid)
         writeback = rkey if desired.doc_rkey != rkey else None
-        return MoodPlan(mood_id, desired, writes, new_entry, writeback, findings)
+        adopted = (
+            remote is not None
+            and exists
+            and (entry is None or entry.state is not State.PRESENT or entry.rkey != rkey)
+        )
+        return MoodPlan(mood_id, desired, writes, new_entry, writeback, findings, adopted)
 
     if desired.state is State.INVALID:
         # Keep whatever the PDS has: a bad edit must not destroy the user's record.

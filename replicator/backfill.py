@@ -1,0 +1,212 @@
+"""Backfill: bring every existing mood to its desired state, user by user, resumably.
+
+It is the stream's apply path with the PDS listing as the truth (`Applier.reconcile_user`), so
+it adopts what the old inline writer made (by `ref` or legacy `mongoId`), keeps permalinks,
+and finds duplicates and orphans. A user is the unit of work and of resumption: finished users
+are recorded in Mongo, so a rerun after Ctrl-C or kill -9 skips them, and re-applying a user
+that was cut short is harmless (idempotent writes, fixed rkeys).
+
+Running next to `replicator run` is safe: a user's documents are fingerprinted before and after
+its reconcile, and a user whose moods changed meanwhile is reconciled again until it is stable,
+so a backfill write based on a stale read never outlives the read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+
+from .apply import Applier, Outcome
+from .store import Store
+
+MAX_PASSES = 5
+RUN_ID = "backfill"
+
+
+@dataclass
+class Progress:
+    total_users: int
+    done_users: int = 0
+    moods: int = 0
+    started: float = field(default_factory=time.monotonic)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.done_users:
+            return None
+        rate = self.done_users / max(1e-6, time.monotonic() - self.started)
+        return (self.total_users - self.done_users) / rate
+
+
+@dataclass
+class Report:
+    users: int = 0
+    skipped_users_done_before: int = 0
+    outcome: Outcome = field(default_factory=Outcome)
+    seconds: float = 0.0
+    dry_run: bool = False
+    interrupted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        c = self.outcome.counts
+        reasons: dict[str, Counter[str]] = {"skipped": Counter(), "invalid": Counter(),
+                                            "failed": Counter()}  # fmt: skip
+        kinds: Counter[str] = Counter()
+        for f in self.outcome.findings:
+            kinds[f.kind] += 1
+            if f.kind == "skipped":
+                reasons["skipped"][f.detail or "?"] += 1
+            elif f.kind == "invalid":
+                reasons["invalid"][f.detail or "?"] += 1
+            elif f.kind == "parked":
+                reasons["failed"][f.detail or "?"] += 1
+        prefix = "would_" if self.dry_run else ""
+        return {
+            "dry_run": self.dry_run,
+            "interrupted": self.interrupted,
+            "users": self.users,
+            "users_already_done": self.skipped_users_done_before,
+            "moods": c["moods"],
+            "written": c[f"{prefix}put"],
+            "deleted": c[f"{prefix}delete"] + c[f"{prefix}delete_orphan"],
+            "adopted": c["adopted"],
+            "unchanged": c["unchanged_present"],
+            "skipped": sum(reasons["skipped"].values()),
+            "skipped_reasons": dict(reasons["skipped"]),
+            "invalid": sum(reasons["invalid"].values()),
+            "invalid_reasons": dict(reasons["invalid"]),
+            "failed": sum(reasons["failed"].values()),
+            "failed_reasons": dict(reasons["failed"]),
+            "duplicates": kinds["duplicate"],
+            "orphans": kinds["orphan"],
+            "records_listed": c["records_listed"],
+            "seconds": round(self.seconds, 3),
+            "moods_per_second": round(c["moods"] / self.seconds, 1) if self.seconds else None,
+        }
+
+
+async def users_in_scope(
+    store: Store, explicit: Sequence[str] = (), sample: int | None = None
+) -> list[str]:
+    """`--user` (a sub or `@handle`), else every user with a mood or a ledger entry."""
+    if explicit:
+        subs = []
+        for who in explicit:
+            sub = await store.resolve_user(who)
+            if sub is None:
+                raise LookupError(f"unknown user {who!r} (no such handle)")
+            subs.append(sub)
+        return list(dict.fromkeys(subs))
+    found = set(await store.moods.distinct("user")) | set(await store.ledger.distinct("user"))
+    users = sorted(u for u in found if isinstance(u, str) and u)
+    if sample is not None and sample < len(users):
+        users = sorted(random.sample(users, sample))
+    return users
+
+
+async def fingerprint(store: Store, sub: str) -> str:
+    """What a concurrent writer could change: the user's moods, minus our own write-back."""
+    docs = await store.moods_of_user(sub)
+    items = [
+        (str(d["_id"]), repr(d.get("mood")), repr(d.get("when")), repr(d.get("deleted")))
+        for d in docs
+    ]
+    return hashlib.sha256(orjson.dumps(items)).hexdigest()
+
+
+async def reconcile_until_stable(applier: Applier, sub: str, *, fix: bool) -> Outcome:
+    outcome = Outcome()
+    for _ in range(MAX_PASSES):
+        before = await fingerprint(applier.store, sub)
+        outcome = await applier.reconcile_user(sub, fix=fix)
+        if applier.dry_run or await fingerprint(applier.store, sub) == before:
+            return outcome
+    return outcome
+
+
+class Backfill:
+    def __init__(
+        self,
+        applier: Applier,
+        *,
+        fix: bool = False,
+        concurrency: int = 4,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.applier = applier
+        self.store = applier.store
+        self.fix = fix
+        self.concurrency = concurrency
+        self.on_progress = on_progress
+        self._state = self.store.db[f"{self.store.names.prefix}backfill"]
+
+    async def _resume_point(self, scope: str, restart: bool) -> tuple[str, set[str]]:
+        """The unfinished run over the same scope, and the users it finished."""
+        run = await self.store.state.find_one({"_id": RUN_ID})
+        if run and not restart and not run.get("finished") and run.get("scope") == scope:
+            cursor = self._state.find({"run": run["run"]}, {"_id": 1})
+            return str(run["run"]), {str(d["_id"]) async for d in cursor}
+        run_id = f"{time.time():.6f}"
+        if not self.applier.dry_run:
+            await self.store.state.update_one(
+                {"_id": RUN_ID},
+                {"$set": {"run": run_id, "scope": scope, "started_at": time.time(),
+                          "finished": False}},
+                upsert=True,
+            )  # fmt: skip
+        return run_id, set()
+
+    async def run(
+        self, users: Sequence[str], *, limit: int | None = None, restart: bool = False
+    ) -> Report:
+        started = time.monotonic()
+        scope = hashlib.sha256(orjson.dumps(sorted(users))).hexdigest()
+        run_id, done = await self._resume_point(scope, restart)
+        todo = [u for u in users if u not in done]
+        report = Report(users=len(todo), skipped_users_done_before=len(users) - len(todo),
+                        dry_run=self.applier.dry_run)  # fmt: skip
+        progress = Progress(total_users=len(todo))
+        limiter = anyio.CapacityLimiter(max(1, self.concurrency))
+        stop_scheduling = anyio.Event()
+
+        async def one(sub: str) -> None:
+            async with limiter:
+                if stop_scheduling.is_set():
+                    return
+                outcome = await reconcile_until_stable(self.applier, sub, fix=self.fix)
+                report.outcome.merge(outcome)
+                if not self.applier.dry_run:
+                    await self._state.update_one(
+                        {"_id": sub}, {"$set": {"run": run_id, "done_at": time.time()}},
+                        upsert=True,
+                    )  # fmt: skip
+                progress.done_users += 1
+                progress.moods += outcome.counts["moods"]
+                progress.counts.update(outcome.counts)
+                if self.on_progress:
+                    self.on_progress(progress)
+                if limit is not None and progress.moods >= limit:
+                    stop_scheduling.set()
+
+        async with anyio.create_task_group() as tg:
+            for sub in todo:
+                if stop_scheduling.is_set():
+                    break
+                tg.start_soon(one, sub)
+        report.users = progress.done_users
+        report.interrupted = stop_scheduling.is_set() and progress.done_users < len(todo)
+        if not self.applier.dry_run and not report.interrupted:
+            await self.store.state.update_one(
+                {"_id": RUN_ID}, {"$set": {"finished": True, "finished_at": time.time()}}
+            )
+        report.seconds = time.monotonic() - started
+        return report
