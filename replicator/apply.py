@@ -8,6 +8,7 @@ replayed or out-of-date event converges on the current state instead of an old o
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -165,14 +166,14 @@ class Applier:
             self._account_gone(plan)
         except AuthFailed as exc:
             reason = f"PDS refused the account's password ({exc.error or exc.status})"
-            await self._park(plan, reason)
-            for mood in plan.moods:
-                if mood.writes:
-                    outcome.counts["parked"] += 1
-                    did = account.did if account else None
-                    outcome.findings.append(Finding("parked", did, None, mood.mood_id, reason))
+            await self._park(plan, reason, ledger, outcome)
             return outcome
         except XrpcError as exc:
+            if exc.budget_exhausted:
+                wait = exc.retry_after or 60.0
+                reason = f"PDS write budget exhausted for this account; retry in {wait:.0f}s"
+                await self._park(plan, reason, ledger, outcome, retry_in=wait)
+                return outcome
             if exc.transient:
                 raise
             await self._apply_one_by_one(plan, account, outcome)
@@ -217,9 +218,7 @@ class Applier:
                 if exc.transient:
                     raise
                 reason = f"PDS refused the write: {exc}"
-                await self._park(UserPlan(plan.user, account, [mood]), reason)
-                outcome.counts["parked"] += 1
-                outcome.findings.append(Finding("parked", account.did, None, mood.mood_id, reason))
+                await self._park(UserPlan(plan.user, account, [mood]), reason, {}, outcome)
                 continue
             done.append(_with_cids(UserPlan(plan.user, account, [mood]), cids).moods[0])
         if plan.sweep:
@@ -244,15 +243,40 @@ class Applier:
                 plan.moods[i] = replace(mood, writes=[])
         plan.sweep = []
 
-    async def _park(self, plan: UserPlan, reason: str) -> None:
+    async def _park(
+        self,
+        plan: UserPlan,
+        reason: str,
+        before: dict[ObjectId, LedgerEntry],
+        outcome: Outcome,
+        *,
+        retry_in: float | None = None,
+    ) -> None:
+        """Set aside work that cannot be done now: dead-lettered, retried later with backoff
+        (or when the server said), while the stream and every other user go on."""
         entries = []
+        did = plan.account.did if plan.account else None
         for mood in plan.moods:
             if not mood.writes:
                 continue
-            entries.append(replace(mood.entry, state=State.PARKED, hash=None, reason=reason))
-            did = plan.account.did if plan.account else None
+            previous = before.get(mood.mood_id)
+            attempts = (previous.attempts if previous else 0) + 1
+            delay = retry_in if retry_in is not None else min(3600.0, 30.0 * 2 ** (attempts - 1))
+            # What the PDS holds is unchanged: keep the previous location and content hash.
+            kept = previous if previous is not None and previous.on_pds else None
+            entries.append(
+                replace(
+                    mood.entry, state=State.PARKED, reason=reason, attempts=attempts,
+                    retry_at=time.time() + delay,
+                    did=kept.did if kept else mood.entry.did,
+                    rkey=kept.rkey if kept else mood.entry.rkey,
+                    hash=kept.hash if kept else None, cid=kept.cid if kept else None,
+                )
+            )  # fmt: skip
             await self.store.dead_letter(mood.mood_id, plan.user, did, reason)
             logger.bind(mood_id=str(mood.mood_id), did=did).warning("parked: {}", reason)
+            outcome.counts["parked"] += 1
+            outcome.findings.append(Finding("parked", did, None, mood.mood_id, reason))
         await self.store.save_entries(entries)
 
     async def _record(self, plan: UserPlan, before: dict[ObjectId, LedgerEntry]) -> None:

@@ -1,7 +1,8 @@
 """`replicator`: run the sidecar, set up and run the local stack, check lexicons.
 
 Exit codes: 0 done / stopped cleanly; 1 error; 2 usage; 3 history lost with
-`--on-history-lost=fail`; 4 the change stream was invalidated (collection dropped/renamed).
+`--on-history-lost=fail`; 4 the change stream was invalidated (collection dropped/renamed);
+5 another process took the lease over.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .commands.backfill import audit_command, backfill
 from .commands.common import connection_options, settings_from
 from .commands.lexicon import lexicon
 from .config import Settings, redact_uri
+from .lease import LeaseLost
 from .runtime import open_runtime
 from .stream import HistoryLost, StreamInvalidated
 
@@ -28,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_HISTORY_LOST = 3
 EXIT_INVALIDATED = 4
+EXIT_LEASE_LOST = 5
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,6 +62,10 @@ def run_options(fn: F) -> F:
         click.option("--heartbeat", "heartbeat_seconds", envvar="REPLICATOR_HEARTBEAT_SECONDS",
                      show_envvar=True, type=float, default=5.0, show_default=True,
                      help="Seconds between checkpoint saves on a quiet collection."),
+        click.option("--lease-seconds", envvar="REPLICATOR_LEASE_SECONDS", show_envvar=True,
+                     type=click.FloatRange(1.0), default=15.0, show_default=True,
+                     help="One process writes at a time: a second one waits, and takes over "
+                          "this long after the first dies."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -79,6 +86,7 @@ def run(**kw: Any) -> None:
         batch_size=kw["batch_size"],
         on_history_lost=kw["on_history_lost"],
         heartbeat_seconds=kw["heartbeat_seconds"],
+        lease_seconds=kw["lease_seconds"],
     )
     sys.exit(anyio.run(functools.partial(run_replicator, settings)))
 
@@ -121,6 +129,8 @@ async def run_replicator(settings: Settings, ready: Callable[[], None] | None = 
         except StreamInvalidated as exc:
             logger.critical("{}; not resuming. Check the collection, then `replicator run`.", exc)
             code = EXIT_INVALIDATED
+        except LeaseLost:
+            code = EXIT_LEASE_LOST
         tg.cancel_scope.cancel()
     logger.info("replicator stopped ({} events applied)", replicator.events_applied)
     return code

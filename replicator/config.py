@@ -26,6 +26,8 @@ class Settings:
     only_users: tuple[str, ...] = ()
     http_timeout: float = 30.0
     shutdown_grace: float = 10.0
+    lease_seconds: float = 15.0
+    http_addr: str = "127.0.0.1:9464"  # /metrics /healthz /readyz; "off": none
 
     def __repr__(self) -> str:  # the URI may hold a password
         return f"Settings(db={self.db_name!r}, pds={self.pds_url!r}, names={self.names!r})"

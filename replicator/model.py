@@ -40,6 +40,7 @@ class LedgerEntry:
     cid: str | None = None
     reason: str | None = None
     attempts: int = 0
+    retry_at: float | None = None  # parked work is retried from then on (epoch seconds)
 
     @property
     def on_pds(self) -> bool:

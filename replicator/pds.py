@@ -56,6 +56,11 @@ class XrpcError(Exception):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
     @property
+    def budget_exhausted(self) -> bool:
+        """An account's write budget is spent for longer than is worth waiting in place."""
+        return self.status == 429 and (self.retry_after or 0.0) > MAX_INLINE_WAIT
+
+    @property
     def account_gone(self) -> bool:
         if self.error in _GONE_ERRORS:
             return True
@@ -90,11 +95,20 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+# A rate limit that resets sooner than this is waited out in place; a longer one (an account's
+# hourly or daily write budget) parks that account's work so the other accounts keep flowing.
+MAX_INLINE_WAIT = 30.0
+
+
 def retry_hook(exc: Exception) -> bool | float:
     """stamina's hook: transient errors are retried, with the server's hint when it gave one."""
-    if isinstance(exc, XrpcError) and exc.transient:
-        return exc.retry_after if exc.retry_after is not None else True
-    return False
+    if not isinstance(exc, XrpcError) or not exc.transient:
+        return False
+    if exc.retry_after is None:
+        return True
+    if exc.status == 429 and exc.retry_after > MAX_INLINE_WAIT:
+        return False
+    return exc.retry_after
 
 
 class Pds:
@@ -162,7 +176,7 @@ class Pds:
     async def retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `call` on transient failures with exponential backoff and jitter."""
         async for attempt in stamina.retry_context(
-            on=self._hook, attempts=None, timeout=self.retry_timeout, wait_max=30.0
+            on=self._hook, attempts=None, timeout=self.retry_timeout, wait_max=5.0
         ):
             with attempt:
                 return await call()

@@ -6,8 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import httpx
+
 from .apply import Applier
 from .config import Settings
+from .lease import Lease
 from .pds import Pds
 from .sessions import SessionPool
 from .store import Store, connect
@@ -34,15 +37,25 @@ class Runtime:
             heartbeat_seconds=s.heartbeat_seconds,
             parked_retry_seconds=s.parked_retry_seconds,
             on_history_lost=s.on_history_lost,
+            # A shadow (dry-run) replicator never blocks the real one.
+            lease=None
+            if s.dry_run
+            else Lease(self.store.state, f"lease:{s.names.moods}", ttl=s.lease_seconds),
         )
 
 
 @asynccontextmanager
 async def open_runtime(
-    settings: Settings, *, retry_timeout: float | None = None
+    settings: Settings,
+    *,
+    retry_timeout: float | None = None,
+    http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[Runtime]:
+    """`http` replaces the PDS connection pool (fault-injection tests wrap its transport)."""
     client = connect(settings.mongodb_uri)
-    pds = Pds(settings.pds_url, timeout=settings.http_timeout, retry_timeout=retry_timeout)
+    pds = Pds(
+        settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout
+    )
     try:
         store = Store(client, settings.db_name, settings.names)
         await store.ensure_indexes()

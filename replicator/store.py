@@ -18,7 +18,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .model import Account, LedgerEntry, State
 from .sessions import Session
@@ -83,6 +83,7 @@ def entry_from_doc(doc: Mapping[str, Any]) -> LedgerEntry:
         cid=doc.get("cid"),
         reason=doc.get("reason"),
         attempts=int(doc.get("attempts", 0)),
+        retry_at=doc.get("retry_at"),
     )
 
 
@@ -95,6 +96,8 @@ def entry_to_doc(entry: LedgerEntry) -> Doc:
         "hash": entry.hash,
         "cid": entry.cid,
         "reason": entry.reason,
+        "attempts": entry.attempts,
+        "retry_at": entry.retry_at,
     }
 
 
@@ -110,6 +113,8 @@ class Store:
         self.state: AsyncCollection[Doc] = self.db[names.state]
         self.sessions: AsyncCollection[Doc] = self.db[names.sessions]
         self.dead_letters: AsyncCollection[Doc] = self.db[names.dead_letters]
+        # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
+        self.checkpoint_name = f"checkpoint:{names.moods}"
 
     async def ensure_indexes(self) -> None:
         await self.ledger.create_index("user")
@@ -199,23 +204,35 @@ class Store:
         return {str(d["_id"]): int(d["n"]) async for d in cursor}
 
     async def parked_ids(self, limit: int = 500) -> list[ObjectId]:
-        cursor = self.ledger.find({"state": State.PARKED.value}, {"_id": 1}).limit(limit)
-        return [ObjectId(d["_id"]) async for d in cursor]
+        """Parked moods whose retry time has come."""
+        now = time.time()
+        cursor = self.ledger.find({"state": State.PARKED.value}, {"_id": 1, "retry_at": 1})
+        due = [d["_id"] async for d in cursor if (d.get("retry_at") or 0) <= now]
+        return [ObjectId(i) for i in due[:limit]]
 
     # -- checkpoint ---------------------------------------------------------------------------
 
     def _checkpoint_id(self) -> str:
-        return f"checkpoint:{self.names.moods}"
+        return self.checkpoint_name
 
     async def load_checkpoint(self) -> Doc | None:
         return await self.state.find_one({"_id": self._checkpoint_id()})
 
-    async def save_checkpoint(self, token: Mapping[str, Any], **extra: Any) -> None:
-        await self.state.update_one(
-            {"_id": self._checkpoint_id()},
-            {"$set": {"token": dict(token), "saved_at": time.time(), **extra}},
-            upsert=True,
-        )
+    async def save_checkpoint(
+        self, token: Mapping[str, Any], *, fence: int | None = None, **extra: Any
+    ) -> bool:
+        """With `fence` (the lease generation), refuse to overwrite a newer generation's
+        checkpoint: returns False when refused."""
+        fields = {"token": dict(token), "saved_at": time.time(), **extra}
+        query: dict[str, Any] = {"_id": self._checkpoint_id()}
+        if fence is not None:
+            fields["generation"] = fence
+            query["$or"] = [{"generation": {"$lte": fence}}, {"generation": {"$exists": False}}]
+        try:
+            await self.state.update_one(query, {"$set": fields}, upsert=True)
+        except DuplicateKeyError:
+            return False  # the document exists with a newer generation
+        return True
 
     async def clear_checkpoint(self) -> None:
         await self.state.delete_one({"_id": self._checkpoint_id()})

@@ -8,6 +8,7 @@ forward: saving it on a quiet collection keeps the token inside the oplog window
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,7 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from .apply import Applier
+from .lease import Lease, LeaseLost
 from .store import Doc, Store
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
@@ -37,6 +39,20 @@ class StreamInvalidated(RuntimeError):
 
 class HistoryLost(RuntimeError):
     """The saved position is no longer in the oplog (or was never valid)."""
+
+
+def _transient(exc: PyMongoError) -> bool:
+    """Worth reconnecting for: network errors, elections, and errors MongoDB labels retryable."""
+    if isinstance(exc, ConnectionFailure):
+        return True
+    return any(
+        exc.has_error_label(label)
+        for label in (
+            "ResumableChangeStreamError",
+            "RetryableWriteError",
+            "TransientTransactionError",
+        )
+    )
 
 
 def cluster_seconds(change: Mapping[str, Any]) -> float | None:
@@ -61,7 +77,9 @@ class Replicator:
         on_history_lost: Literal["reconcile", "fail"] = "reconcile",
         open_stream: OpenStream | None = None,
         on_batch: Callable[[int, float | None], None] | None = None,
+        lease: Lease | None = None,
     ) -> None:
+        self.lease = lease
         self.store = store
         self.applier = applier
         self.batch_size = batch_size
@@ -75,6 +93,7 @@ class Replicator:
         self.last_event_at: float | None = None
         self.stream_open = False
         self.last_checkpoint_at: float | None = None
+        self.idle = False  # the last read found nothing waiting: caught up (lag 0)
         self._saved_token: Mapping[str, Any] | None = None
 
     async def _watch(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
@@ -86,7 +105,69 @@ class Replicator:
         )
 
     async def run(self, stop: anyio.Event) -> None:
-        """Until `stop` is set; reconnects on connection errors, from the last checkpoint."""
+        """Until `stop` is set; waits for the lease first when there is one."""
+        if self.lease is not None and not await self._acquire(stop):
+            return
+        lost = False
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            if self.lease is not None:
+
+                async def keep_lease() -> None:
+                    nonlocal lost
+                    assert self.lease is not None
+                    while True:
+                        await anyio.sleep(self.lease.ttl / 3)
+                        try:
+                            await self.lease.renew()
+                        except LeaseLost:
+                            lost = True
+                            tg.cancel_scope.cancel()
+                            return
+                        except PyMongoError as exc:  # Mongo down: the stream will notice too
+                            logger.warning("lease renewal failed: {}", exc)
+
+                tg.start_soon(keep_lease)
+            try:
+                await self._run_stream(stop)
+            except LeaseLost:
+                lost = True
+            except Exception as exc:  # re-raised below, outside the group, unwrapped
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if lost:
+            logger.critical("the lease was taken over by another process; stopping")
+            raise LeaseLost("another replicator took over")
+        if self.lease is not None:
+            with contextlib.suppress(PyMongoError):
+                await self.lease.release()
+
+    async def _acquire(self, stop: anyio.Event) -> bool:
+        assert self.lease is not None
+        said = False
+        while not stop.is_set():
+            try:
+                if await self.lease.try_acquire():
+                    logger.info("lease acquired (generation {})", self.lease.generation)
+                    return True
+            except ConnectionFailure as exc:
+                logger.warning("MongoDB unreachable while acquiring the lease: {}", exc)
+            if not said:
+                holder = await self.lease.holder() or {}
+                logger.warning(
+                    "another replicator holds the lease ({}); waiting to take over",
+                    holder.get("owner", "?"),
+                )
+                said = True
+            with anyio.move_on_after(max(0.2, self.lease.ttl / 3)):
+                await stop.wait()
+        return False
+
+    async def _run_stream(self, stop: anyio.Event) -> None:
+        """Reconnects on connection errors, from the last checkpoint."""
         checkpoint = await self.store.load_checkpoint()
         self._saved_token = checkpoint["token"] if checkpoint else None
         if self._saved_token is None:
@@ -104,12 +185,16 @@ class Replicator:
                     await self._pump(stream, stop)
                 finally:
                     self.stream_open = False
-                    await stream.close()
-            except ConnectionFailure as exc:
-                logger.warning("MongoDB unreachable ({}); reconnecting in {:.1f}s", exc, delay)
+                    with contextlib.suppress(PyMongoError):
+                        await stream.close()
+            except PyMongoError as exc:
+                if not _transient(exc):
+                    raise
+                logger.warning("MongoDB unavailable ({}); resuming from the last checkpoint "
+                               "in {:.1f}s", exc, delay)  # fmt: skip
                 with anyio.move_on_after(delay):
                     await stop.wait()
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 10.0)
 
     async def _open(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
         try:
@@ -162,6 +247,7 @@ class Replicator:
                 if change is None:
                     break
                 batch.append(change)
+            self.idle = not batch
             if batch:
                 await self._apply_batch(stream, batch)
             else:
@@ -222,7 +308,9 @@ class Replicator:
         extra: dict[str, Any] = {"events_applied": self.events_applied}
         if self.last_event_at is not None and math.isfinite(self.last_event_at):
             extra["last_event_at"] = self.last_event_at
-        await self.store.save_checkpoint(token, **extra)
+        fence = self.lease.generation if self.lease is not None else None
+        if not await self.store.save_checkpoint(token, fence=fence, **extra):
+            raise LeaseLost("a newer lease generation owns the checkpoint")
         self._saved_token = dict(token)
         self.last_checkpoint_at = now
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +133,26 @@ class LocalPDS:
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+
+    def pause(self, timeout: float = 30.0) -> None:
+        """Stop the PDS server (clients get "connection refused"); its data is kept."""
+        assert self.child is not None and self.child.alive()
+        os.kill(self.child.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while _http_ok(f"{self.url}/xrpc/_health"):
+            if time.monotonic() > deadline:
+                raise StackError(f"PDS on port {self.port} did not stop within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def resume(self) -> None:
+        """Start the same PDS again: same port, data, keys and accounts."""
+        assert self.child is not None
+        os.kill(self.child.pid, signal.SIGUSR2)
+        self.child.wait_ready(
+            lambda: _http_ok(f"{self.url}/xrpc/_health"),
+            timeout=PDS_READY_TIMEOUT,
+            what=f"answering {self.url}/xrpc/_health after a restart",
+        )
 
 
 def describe(url: str) -> dict[str, object]:
