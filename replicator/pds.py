@@ -146,13 +146,17 @@ class Pds:
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         token: str | None = None,
+        post: bool = False,
     ) -> dict[str, Any]:
-        """One call, no retry."""
+        """One call, no retry. A procedure without input (`post`, no `body`) sends no body:
+        the PDS refuses one it does not expect."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.requests[nsid] += 1
         url = f"{self.base_url}/xrpc/{nsid}"
         try:
-            if body is None:
+            if body is None and post:
+                resp = await self._http.post(url, headers=headers)
+            elif body is None:
                 resp = await self._http.get(url, params=params, headers=headers)
             else:
                 headers["content-type"] = "application/json"

@@ -87,7 +87,7 @@ class SessionPool:
         try:
             out = await self.pds.retrying(
                 lambda: self.pds.xrpc(
-                    "com.atproto.server.refreshSession", body={}, token=stale.refresh
+                    "com.atproto.server.refreshSession", post=True, token=stale.refresh
                 )
             )
         except XrpcError as exc:
