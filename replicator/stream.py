@@ -22,11 +22,13 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from .apply import Applier
+from .desired import bad_id_reason, valid_user
 from .lease import Lease, LeaseLost
 from .store import Doc, Store
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
                       260: "InvalidResumeToken"}  # fmt: skip
+IDLE_POLL_SECONDS = 0.05
 _DOC_EVENTS = frozenset({"insert", "update", "replace", "delete"})
 _END_EVENTS = frozenset({"invalidate", "drop", "rename", "dropDatabase"})
 
@@ -229,7 +231,7 @@ class Replicator:
         subs = set(await self.store.moods.distinct("user")) | set(
             await self.store.ledger.distinct("user")
         )
-        users = sorted(s for s in subs if isinstance(s, str) and s)
+        users = sorted(s for s in subs if valid_user(s))
         for user in users:
             await self.applier.reconcile_user(user, fix=True)
         await self._checkpoint(position, force=True)
@@ -253,8 +255,9 @@ class Replicator:
             else:
                 await self._checkpoint(stream.resume_token)
                 if time.monotonic() - started < self.max_await_ms / 4000:
-                    # The server answered an empty batch at once: wait a little, not spin.
-                    with anyio.move_on_after(self.max_await_ms / 1000):
+                    # The server answered an empty batch at once instead of waiting for
+                    # changes: poll gently rather than spin (every wait here is added lag).
+                    with anyio.move_on_after(IDLE_POLL_SECONDS):
                         await stop.wait()
             if time.monotonic() >= next_parked:
                 next_parked = time.monotonic() + self.parked_retry_seconds
@@ -275,10 +278,13 @@ class Replicator:
             mood_id = (change.get("documentKey") or {}).get("_id")
             if isinstance(mood_id, ObjectId):
                 ids.append(mood_id)
+            elif op == "delete":  # never mirrorable, now gone: nothing left to report
+                await self.store.dead_letters.delete_one({"_id": repr(mood_id)})
             else:
-                reason = f"_id is not an ObjectId ({type(mood_id).__name__})"
+                reason = bad_id_reason(mood_id)
+                user = valid_user((change.get("fullDocument") or {}).get("user"))
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
-                await self.store.dead_letter(mood_id, None, None, reason)
+                await self.store.dead_letter(mood_id, user, None, reason)
         if ids:
             await self.applier.apply_ids(ids)
         self.events_applied += len(batch) if end is None else batch.index(end)
