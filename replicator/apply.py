@@ -18,11 +18,12 @@ import anyio
 from bson import ObjectId
 from loguru import logger
 
-from . import tid
-from .desired import desired_state
+from . import metrics, tid
+from .desired import bad_id_reason, desired_state, valid_user
 from .model import Account, Desired, LedgerEntry, State
 from .pds import AuthFailed, XrpcError
 from .plan import Finding, MoodPlan, UserPlan, plan_user
+from .rollout import NOT_ENABLED
 from .store import Store
 from .writer import AccountGone, RepoWriter
 
@@ -79,24 +80,31 @@ class Applier:
                 desired_state(i, docs.get(i), has_account=account is not None) for i in mood_ids
             ]
             async with self._limiter:
+                started = time.monotonic()
                 result = await self._plan_and_apply(user, account, desired, ledger, remote=None)
+            metrics.observe_apply(result, time.monotonic() - started)
             outcome.merge(result)
-            if user and account and any(i not in docs and i in ledger for i in mood_ids):
+            if user and account and any(d.state is State.ABSENT for d in desired):
                 purged.add(user)
 
         async with anyio.create_task_group() as tg:
             for user, mood_ids in by_user.items():
                 tg.start_soon(lane, user, mood_ids)
-        # A user whose documents are all gone must end with an empty collection, including
-        # records the ledger never knew (made by the old inline writer).
+        # A user with no live mood left (purged or nuked) must end with an empty collection,
+        # including records the ledger never knew (made by the old inline writer).
         for user in sorted(purged):
-            if not await self.store.user_has_moods(user):
+            if not await self.store.user_has_live_moods(user):
                 outcome.merge(await self.reconcile_user(user, fix=True))
         return outcome
 
     async def reconcile_user(self, sub: str, *, fix: bool = True) -> Outcome:
         """Compare every mood of the user, the ledger and the full listing of the repo."""
-        docs = {d["_id"]: d for d in await self.store.moods_of_user(sub)}
+        docs: dict[ObjectId, dict[str, Any]] = {}
+        for d in await self.store.moods_of_user(sub):
+            if isinstance(d["_id"], ObjectId):
+                docs[d["_id"]] = d
+            elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
+                await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
         ledger = await self.store.ledger_of_user(sub)
         account = (await self.store.accounts([sub]))[sub]
         ids = list(dict.fromkeys([*docs, *ledger]))
@@ -110,9 +118,12 @@ class Applier:
                     raise
                 remote = []  # the repo is gone: nothing to delete, puts get parked
         async with self._limiter:
-            return await self._plan_and_apply(
+            started = time.monotonic()
+            result = await self._plan_and_apply(
                 sub, account, desired, ledger, remote=remote, whole_user=True, fix=fix
             )
+        metrics.observe_apply(result, time.monotonic() - started)
+        return result
 
     async def retry_parked(self) -> Outcome:
         ids = await self.store.parked_ids()
@@ -136,6 +147,11 @@ class Applier:
             outcome.users.add(user)
         if self.only_users is not None and user not in self.only_users:
             outcome.counts["not_enabled"] += len(desired)
+            if not self.dry_run:  # recorded, so that a backfill mirrors them once enabled
+                await self.store.save_entries([
+                    LedgerEntry(d.mood_id, user, State.SKIPPED, reason=NOT_ENABLED)
+                    for d in desired if d.mood_id not in ledger and d.state is not State.ABSENT
+                ])  # fmt: skip
             return outcome
         plan = plan_user(
             user, account, desired, ledger, tid.from_object_id,
@@ -176,7 +192,7 @@ class Applier:
                 return outcome
             if exc.transient:
                 raise
-            await self._apply_one_by_one(plan, account, outcome)
+            await self._apply_one_by_one(plan, account, outcome, ledger)
             return outcome
         await self._record(plan, ledger)
         self._count(outcome, plan, applied=True)
@@ -206,7 +222,11 @@ class Applier:
                 )
 
     async def _apply_one_by_one(
-        self, plan: UserPlan, account: Account | None, outcome: Outcome
+        self,
+        plan: UserPlan,
+        account: Account | None,
+        outcome: Outcome,
+        before: dict[ObjectId, LedgerEntry],
     ) -> None:
         """A write the PDS refuses for good parks its mood only; the user's other moods flow."""
         assert account is not None
@@ -218,13 +238,13 @@ class Applier:
                 if exc.transient:
                     raise
                 reason = f"PDS refused the write: {exc}"
-                await self._park(UserPlan(plan.user, account, [mood]), reason, {}, outcome)
+                await self._park(UserPlan(plan.user, account, [mood]), reason, before, outcome)
                 continue
             done.append(_with_cids(UserPlan(plan.user, account, [mood]), cids).moods[0])
         if plan.sweep:
             await self.writer.apply(account, plan.sweep)
         applied = UserPlan(plan.user, account, done, plan.sweep)
-        await self._record(applied, {})
+        await self._record(applied, before)  # clears the dead letters of moods now fixed
         self._count(outcome, applied, applied=True)
 
     def _account_gone(self, plan: UserPlan) -> None:
@@ -321,8 +341,7 @@ class Applier:
 
 
 def _user_of(doc: dict[str, Any]) -> str | None:
-    user = doc.get("user")
-    return user if isinstance(user, str) and user else None
+    return valid_user(doc.get("user"))  # not a usable sub: no lane of its own, no lookup
 
 
 def _entry_changed(before: LedgerEntry | None, after: LedgerEntry) -> bool:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson import ObjectId
+from bson.codec_options import DatetimeConversion
 from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from .desired import is_deleted
 from .model import Account, LedgerEntry, State
 from .sessions import Session
 
@@ -104,7 +106,14 @@ def entry_to_doc(entry: LedgerEntry) -> Doc:
 class Store:
     def __init__(self, client: AsyncMongoClient[Doc], db_name: str, names: Names) -> None:
         self.client = client
-        self.db: AsyncDatabase[Doc] = client[db_name]
+        # Invalid UTF-8 and dates outside the years 1-9999 decode (to lone surrogates, to
+        # `DatetimeMS`) instead of making every read of the document raise, the change
+        # stream's included: `desired` reports such a mood as invalid (docs/bad-input.md).
+        codec = client.codec_options.with_options(
+            unicode_decode_error_handler="surrogateescape",
+            datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+        )
+        self.db: AsyncDatabase[Doc] = client.get_database(db_name, codec_options=codec)
         self.names = names
         self.moods: AsyncCollection[Doc] = self.db[names.moods]
         self.users: AsyncCollection[Doc] = self.db[names.users]
@@ -132,8 +141,12 @@ class Store:
     async def moods_of_user(self, sub: str) -> list[Doc]:
         return [d async for d in self.moods.find({"user": sub}).sort("_id", 1)]
 
-    async def user_has_moods(self, sub: str) -> bool:
-        return await self.moods.find_one({"user": sub}, {"_id": 1}) is not None
+    async def user_has_live_moods(self, sub: str) -> bool:
+        """Any mood of the user that is not nuked (stops at the first one found)."""
+        async for doc in self.moods.find({"user": sub}, {"deleted": 1}):
+            if not is_deleted(doc.get("deleted")):
+                return True
+        return False
 
     async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
         wanted = sorted(set(subs))

@@ -311,3 +311,22 @@ async def _put_direct(rt: Runtime, user: Any, rkey: str, record: dict[str, Any])
             headers={"authorization": f"Bearer {token}"},
         )  # fmt: skip
         resp.raise_for_status()
+
+
+async def test_nuke_also_deletes_records_the_ledger_never_knew(rt: Runtime, users: Users) -> None:
+    """Records of the old inline writer (unknown to the ledger) go too, and come back on
+    un-nuke under their old rkeys."""
+    user = await users.make()
+    ids = [await insert_mood(rt.store, user.sub, f"old {i}", when=WHEN) for i in range(2)]
+    for i, mood_id in enumerate(ids):
+        record = {"$type": "computer.aesthetic.mood", "mood": f"old {i}",
+                  "when": "2026-03-04T05:06:07.891Z", "ref": str(mood_id)}  # fmt: skip
+        await _put_direct(rt, user, f"3kaaaaaaaaa{i}2", record)
+    old = await records(rt.settings.pds_url, user.did or "")
+    assert len(old) == 2
+    async with running(rt):
+        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": True}})
+        await eventually(lambda: _has_records(rt, user.did, 0), what="old records deleted")
+        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": False}})
+        await eventually(lambda: _has_records(rt, user.did, 2), what="restored")
+    assert set(await records(rt.settings.pds_url, user.did or "")) == set(old)
