@@ -18,9 +18,14 @@ import httpx
 import orjson
 import stamina
 
+from .budget import Budgets
 from .model import Record, RemoteRecord, Write
 
 MOOD_COLLECTION = "computer.aesthetic.mood"
+WRITE_NSIDS = frozenset(
+    f"com.atproto.repo.{name}"
+    for name in ("putRecord", "deleteRecord", "applyWrites", "createRecord")
+)
 APPLY_WRITES_MAX = 200
 LIST_PAGE = 100
 T = TypeVar("T")
@@ -134,6 +139,7 @@ class Pds:
         self._on_request = on_request
         self._on_retry = on_retry
         self.requests: Counter[str] = Counter()  # by NSID, for status and tests
+        self.budgets = Budgets()
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -167,6 +173,8 @@ class Pds:
             raise XrpcError(nsid, 0, type(exc).__name__, str(exc) or None) from None
         if self._on_request:
             self._on_request(nsid, resp.status_code)
+        if body is not None and isinstance(body.get("repo"), str) and nsid in WRITE_NSIDS:
+            self.budgets.observe(body["repo"], resp.headers)
         if resp.status_code == 200:
             return dict(orjson.loads(resp.content)) if resp.content else {}
         error = message = None

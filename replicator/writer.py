@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
+
+from .budget import cost as budget_cost
 from .model import Account, Write
-from .pds import MOOD_COLLECTION, XrpcError, chunks, put_body, write_op
+from .pds import MAX_INLINE_WAIT, MOOD_COLLECTION, XrpcError, chunks, put_body, write_op
 from .ratelimit import TokenBucket
 from .sessions import SessionPool
 
@@ -50,10 +53,20 @@ class RepoWriter:
             raise
         return results
 
+    async def _pace(self, account: Account, writes: Sequence[Write], nsid: str) -> None:
+        """Spend the account's announced write budget, or wait / give up as it says."""
+        if self.rate is not None:
+            await self.rate.take(len(writes))
+        wait = self.pds.budgets.reserve(account.did, budget_cost(tuple(writes)))
+        if wait > MAX_INLINE_WAIT:
+            why = "the account's write budget is spent (paced before sending)"
+            raise XrpcError(nsid, 429, "RateLimitExceeded", why, wait)
+        if wait > 0:
+            await anyio.sleep(wait)
+
     async def _single(self, account: Account, write: Write) -> str | None:
         self.single_calls += 1
-        if self.rate is not None:
-            await self.rate.take(1)
+        await self._pace(account, [write], "com.atproto.repo.putRecord")
         if write.action == "delete":
             body = {"repo": account.did, "collection": MOOD_COLLECTION, "rkey": write.rkey}
             await self.sessions.call(
@@ -71,8 +84,7 @@ class RepoWriter:
 
     async def _batch(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
         body: dict[str, Any] = {"repo": account.did, "writes": [write_op(w) for w in writes]}
-        if self.rate is not None:
-            await self.rate.take(len(writes))
+        await self._pace(account, writes, "com.atproto.repo.applyWrites")
         try:
             self.batches += 1
             out = await self.sessions.call(account, lambda t: self._apply_writes_once(body, t))

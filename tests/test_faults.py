@@ -285,3 +285,28 @@ async def test_second_process_waits_then_takes_over(
     assert took < 10
     assert len(await records(rt.settings.pds_url, who.did or "")) == 2
     print(f"\ntakeover {took:.1f}s after kill -9 (lease 3s)")
+
+
+async def test_announced_write_budget_paces_the_busy_account_before_any_429(
+    faulty: tuple[Runtime, FaultTransport], users: Users
+) -> None:
+    """The PDS says the busy account has 6 points left this hour: the replicator spends them,
+    then parks that account's work until the window resets; the other account never waits."""
+    from replicator.devstack.faults import announce_budget
+
+    rt, transport = faulty
+    busy, other = await users.make(), await users.make()
+    transport.after.append(announce_budget(busy.did or "", remaining=6, reset_in=3600))
+    first = await insert_mood(rt.store, busy.sub, "spends the budget")
+    await rt.applier.apply_ids([first])  # the answer announces what is left
+    busy_ids = [await insert_mood(rt.store, busy.sub, f"busy {i}") for i in range(4)]
+    other_ids = [await insert_mood(rt.store, other.sub, f"other {i}") for i in range(4)]
+    sent_before = rt.pds.requests["com.atproto.repo.applyWrites"]
+    await rt.applier.apply_ids([*busy_ids, *other_ids])
+    assert await in_sync(rt, other)
+    entries = await rt.store.ledger_by_id(busy_ids)
+    assert {e.state for e in entries.values()} == {State.PARKED}
+    assert all((e.retry_at or 0) > time.time() + 3000 for e in entries.values())
+    # Only the other account's batch reached the PDS: the busy one got no 429, it was paced.
+    assert rt.pds.requests["com.atproto.repo.applyWrites"] - sent_before == 1
+    assert transport.injected == 0

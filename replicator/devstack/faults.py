@@ -16,6 +16,8 @@ Rule = Callable[[httpx.Request], httpx.Response | Exception | None]
 class FaultTransport(httpx.AsyncBaseTransport):
     inner: httpx.AsyncBaseTransport = field(default_factory=httpx.AsyncHTTPTransport)
     rules: list[Rule] = field(default_factory=list)
+    # Called with each real answer; may change its headers (e.g. announce rate limits).
+    after: list[Callable[[httpx.Request, httpx.Response], None]] = field(default_factory=list)
     injected: int = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -27,7 +29,10 @@ class FaultTransport(httpx.AsyncBaseTransport):
             if isinstance(verdict, Exception):
                 raise verdict
             return verdict
-        return await self.inner.handle_async_request(request)
+        response = await self.inner.handle_async_request(request)
+        for hook in self.after:
+            hook(request, response)
+        return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -81,3 +86,29 @@ def timeout_next(n: int, nsids: set[str]) -> Rule:
         return httpx.ReadTimeout("injected timeout", request=request)
 
     return rule
+
+
+def announce_budget(
+    did: str, remaining: int, reset_in: float
+) -> Callable[[httpx.Request, httpx.Response], None]:
+    """Make the real PDS's answers to `did`'s writes carry a write budget, as a PDS with repo
+    write limits enabled does (`RateLimit-Remaining` falls by each write's cost)."""
+    import time
+
+    left = [remaining]
+    reset_at = time.time() + reset_in
+
+    def hook(request: httpx.Request, response: httpx.Response) -> None:
+        if repo_of(request) != did or nsid_of(request) not in _WRITES:
+            return
+        left[0] = max(0, left[0] - 3)
+        response.headers["RateLimit-Limit"] = "5000"
+        response.headers["RateLimit-Remaining"] = str(left[0])
+        response.headers["RateLimit-Reset"] = str(int(reset_at))
+        response.headers["RateLimit-Policy"] = "5000;w=3600"
+
+    return hook
+
+
+_WRITES = {f"com.atproto.repo.{n}" for n in ("putRecord", "applyWrites", "deleteRecord",
+                                               "createRecord")}  # fmt: skip
