@@ -330,3 +330,21 @@ async def test_nuke_also_deletes_records_the_ledger_never_knew(rt: Runtime, user
         await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": False}})
         await eventually(lambda: _has_records(rt, user.did, 2), what="restored")
     assert set(await records(rt.settings.pds_url, user.did or "")) == set(old)
+
+
+async def test_derived_rkey_collision_is_salted(rt: Runtime, users: Users) -> None:
+    """Two moods whose derived TIDs collide (forced here) still get two records."""
+    from replicator import tid
+    from replicator.model import LedgerEntry
+
+    user = await users.make()
+    mood_id = await insert_mood(rt.store, user.sub, "second of a collision", when=WHEN)
+    taken = tid.from_object_id(mood_id)
+    squatter = ObjectId()
+    await rt.store.save_entries(
+        [LedgerEntry(squatter, user.sub, State.PRESENT, user.did, taken, "h", None)]
+    )
+    await rt.applier.apply_ids([mood_id])
+    rkey = (await doc(rt.store, mood_id))["atproto"]["rkey"]
+    assert rkey == tid.from_object_id(mood_id, 1) != taken
+    assert list(await records(rt.settings.pds_url, user.did or "")) == [rkey]
