@@ -214,7 +214,9 @@ class Applier:
             ):
                 salt += 1
                 rkey = tid.from_object_id(mood.mood_id, salt)
-                logger.warning("rkey collision with mood {}: salted to {}", owner, rkey)
+                logger.bind(mood_id=str(mood.mood_id), did=account.did).warning(
+                    "rkey collision with mood {}: salted to {}", owner, rkey
+                )
             if rkey != put.rkey:
                 writes = [replace(w, rkey=rkey) if w is put else w for w in mood.writes]
                 plan.moods[i] = replace(
@@ -309,10 +311,12 @@ class Applier:
         for mood in invalid:
             before_entry = before.get(mood.mood_id)
             if before_entry is None or before_entry.reason != mood.entry.reason:
+                # The user's DID even when no record was ever made: whose repo it is for.
+                did = mood.entry.did or (plan.account.did if plan.account else None)
                 await self.store.dead_letter(
-                    mood.mood_id, plan.user, mood.entry.did, mood.entry.reason or "invalid"
+                    mood.mood_id, plan.user, did, mood.entry.reason or "invalid"
                 )
-                logger.bind(mood_id=str(mood.mood_id), did=mood.entry.did).warning(
+                logger.bind(mood_id=str(mood.mood_id), did=did).warning(
                     "invalid mood: {}", mood.entry.reason
                 )
         fixed = [

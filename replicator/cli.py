@@ -17,12 +17,15 @@ import anyio
 import click
 from loguru import logger
 
-from . import logs
+from . import health, logs
 from .commands.backfill import audit_command, backfill
 from .commands.common import connection_options, settings_from
+from .commands.dlq import dlq
 from .commands.lexicon import lexicon
+from .commands.status import status
 from .config import Settings, redact_uri
 from .lease import LeaseLost
+from .rollout import split_users
 from .runtime import open_runtime
 from .stream import HistoryLost, StreamInvalidated
 
@@ -47,6 +50,12 @@ def main() -> None:
 main.add_command(lexicon)
 main.add_command(backfill)
 main.add_command(audit_command)
+main.add_command(status)
+main.add_command(dlq)
+
+from .commands.bench import bench  # noqa: E402  (lean: the bench loads its modules when run)
+
+main.add_command(bench)
 
 
 def run_options(fn: F) -> F:
@@ -66,6 +75,16 @@ def run_options(fn: F) -> F:
                      type=click.FloatRange(1.0), default=15.0, show_default=True,
                      help="One process writes at a time: a second one waits, and takes over "
                           "this long after the first dies."),
+        click.option("--dry-run", envvar="REPLICATOR_DRY_RUN", show_envvar=True, is_flag=True,
+                     help="Shadow mode: read the stream, log and count what would be done, "
+                          "write nothing; keeps its own checkpoint."),
+        click.option("--only-user", "only_users", envvar="REPLICATOR_ONLY_USERS",
+                     show_envvar=True, multiple=True, metavar="SUB|@HANDLE",
+                     help="Mirror only these users (repeatable; the variable takes a list). "
+                          "Others' moods are skipped and recorded for a later backfill."),
+        click.option("--http-addr", envvar="REPLICATOR_HTTP_ADDR", show_envvar=True,
+                     default=health.DEFAULT_HTTP_ADDR, show_default=True,
+                     help="Where /metrics, /healthz and /readyz listen (`off`: nowhere)."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -87,6 +106,9 @@ def run(**kw: Any) -> None:
         on_history_lost=kw["on_history_lost"],
         heartbeat_seconds=kw["heartbeat_seconds"],
         lease_seconds=kw["lease_seconds"],
+        dry_run=kw["dry_run"],
+        only_users=split_users(kw["only_users"]),
+        http_addr=kw["http_addr"],
     )
     sys.exit(anyio.run(functools.partial(run_replicator, settings)))
 
@@ -99,6 +121,7 @@ async def run_replicator(settings: Settings, ready: Callable[[], None] | None = 
     stop = anyio.Event()
     async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
         replicator = rt.replicator()
+        await tg.start(health.serve, rt, replicator)  # /metrics /healthz /readyz, stats
 
         async def on_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

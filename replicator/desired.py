@@ -2,6 +2,12 @@
 
 The PDS skips a `putRecord` whose CID is unchanged, and the ledger compares content hashes, so
 the same document must always map to the same bytes: fixed key order, milliseconds, `Z`.
+
+Bad input (what each malformed field leads to, and why) is decided here and documented in
+`docs/bad-input.md`. A document that cannot become a valid record is `INVALID` with a reason
+that names the field and what is wrong with it; reasons never quote more than a short,
+escaped preview of the value (they go to logs, the dead-letter queue and the ledger, and a
+reason must stay storable in BSON even when the value is not valid UTF-8).
 """
 
 from __future__ import annotations
@@ -13,16 +19,76 @@ from typing import Any
 
 import orjson
 from bson import ObjectId
+from bson.datetime_ms import DatetimeMS
 
 from . import tid
 from .lexicon import MOOD_NSID, LexiconError, validate_record
 from .model import Desired, Record, State
 
 _FALSY_STRINGS = frozenset({"", "false", "0", "no", "off", "null", "undefined"})
+_MS_PER_YEAR = 365.2425 * 86_400_000
+# What JavaScript's `String.prototype.trim()` removes (WhiteSpace and LineTerminator): the app
+# trims with it. Not Python's `str.strip()`, which also strips U+001C..U+001F and U+0085.
+JS_WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(
+    chr(c) for c in range(0x2000, 0x200B)
+)
+PREVIEW_CHARS = 40
 
 
 class InvalidMood(ValueError):
     """The document cannot become a valid record; the message is the reason, for people."""
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """A short, ASCII-safe repr for reasons: lone surrogates and control characters escaped."""
+    text = ascii(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _got(value: Any) -> str:
+    """`<type> <preview>`; BSON's `Int64` (how large integers come back) reads as `int`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"int {int(value)}"
+    return f"{type(value).__name__} {preview(value)}"
+
+
+def unicode_problem(text: str) -> int | None:
+    """Index of the first character that cannot be encoded as UTF-8, if any.
+
+    Only a lone surrogate can be: Python decodes invalid UTF-8 read from MongoDB into
+    U+DC80..U+DCFF (the store connects with `unicode_decode_error_handler="surrogateescape"`),
+    so both a lone surrogate and an invalid byte end up here.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return int(exc.start)
+    return None
+
+
+def user_problem(value: Any, present: bool = True) -> str | None:
+    """Why `user` cannot identify the mood's owner, or None when it can."""
+    if not present:
+        return "user: missing"
+    if value is None:
+        return "user: missing (null)"
+    if not isinstance(value, str):
+        return f"user: expected a string (an Auth0 sub), got {_got(value)}"
+    if not value.strip(JS_WHITESPACE):
+        return "user: empty"
+    if (at := unicode_problem(value)) is not None:
+        return f"user: not valid Unicode (lone surrogate or invalid UTF-8 at character {at})"
+    return None
+
+
+def valid_user(value: Any) -> str | None:
+    """The owner's sub, or None when `user` cannot be one (see `user_problem`)."""
+    return value if isinstance(value, str) and user_problem(value) is None else None
+
+
+def bad_id_reason(value: Any) -> str:
+    """Reason for a mood whose `_id` is not an ObjectId: it has no `ref`, no derived rkey."""
+    return f"_id is not an ObjectId ({_got(value)}): a mood needs one to be mirrored"
 
 
 def is_deleted(value: Any) -> bool:
@@ -44,8 +110,27 @@ def is_deleted(value: Any) -> bool:
 
 
 def format_when(value: Any) -> str:
+    """`when` as an atproto datetime: UTC, milliseconds (sub-milliseconds are truncated), `Z`.
+
+    Only a date is a date: the app writes `new Date()`. A string or a number is reported, not
+    guessed at (which time zone? seconds or milliseconds?): a wrong guess would publish a
+    wrong time under the user's name.
+    """
+    if isinstance(value, DatetimeMS):  # a BSON date Python cannot represent
+        years = 1970 + int(value) / _MS_PER_YEAR
+        raise InvalidMood(
+            f"when: a date around the year {years:.0f}, outside the years 1 to 9999 that "
+            "atproto datetimes allow"
+        )
     if not isinstance(value, datetime):
-        raise InvalidMood(f"when: expected a date, got {type(value).__name__}")
+        if value is None:
+            raise InvalidMood("when: missing (null)")
+        hint = ""
+        if isinstance(value, str):
+            hint = "; the app stores dates, not strings"
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            hint = "; not guessed as epoch seconds or milliseconds"
+        raise InvalidMood(f"when: expected a date, got {_got(value)}{hint}")
     try:
         dt: datetime = value.astimezone(UTC) if value.tzinfo is not None else value
     except OverflowError:
@@ -57,18 +142,33 @@ def format_when(value: Any) -> str:
     )
 
 
-def build_record(doc: Mapping[str, Any], mood_id: ObjectId) -> Record:
-    mood = doc.get("mood")
-    if mood is None:
+def check_mood_text(doc: Mapping[str, Any]) -> str:
+    """The `mood` text, or `InvalidMood` saying exactly what is wrong with it.
+
+    Any Unicode the lexicon and the reference PDS accept is mirrored as written, NUL and other
+    control characters included (JSON escapes them). Empty or blank is not a mood: the app
+    trims the text and refuses an empty one, so such a document did not come from it.
+    """
+    if "mood" not in doc:
         raise InvalidMood("mood: missing")
+    mood = doc["mood"]
+    if mood is None:
+        raise InvalidMood("mood: missing (null)")
     if not isinstance(mood, str):
-        raise InvalidMood(f"mood: expected a string, got {type(mood).__name__}")
-    if not mood.strip():
+        raise InvalidMood(f"mood: expected a string, got {_got(mood)}")
+    if not mood:
         raise InvalidMood("mood: empty")
-    try:
-        mood.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidMood(f"mood: not valid Unicode (lone surrogate at {exc.start})") from None
+    if not mood.strip(JS_WHITESPACE):
+        raise InvalidMood("mood: empty (only whitespace)")
+    if (at := unicode_problem(mood)) is not None:
+        raise InvalidMood(
+            f"mood: not valid Unicode (lone surrogate or invalid UTF-8 at character {at})"
+        )
+    return mood
+
+
+def build_record(doc: Mapping[str, Any], mood_id: ObjectId) -> Record:
+    mood = check_mood_text(doc)
     if "when" not in doc:
         raise InvalidMood("when: missing")
     record: Record = {
@@ -89,7 +189,11 @@ def content_hash(record: Record) -> str:
 
 
 def doc_rkey(doc: Mapping[str, Any]) -> str | None:
-    """The document's own rkey (a public permalink) when it is a usable TID."""
+    """The document's own rkey (a public permalink) when it is a usable TID.
+
+    Anything else (`atproto` not an object, no `rkey`, an rkey that is not a TID) is ignored:
+    the mood gets the TID derived from its ObjectId, which is then written back.
+    """
     atproto = doc.get("atproto")
     if isinstance(atproto, Mapping):
         rkey = atproto.get("rkey")
@@ -105,13 +209,15 @@ def desired_state(
     has an account and it makes a valid record."""
     if doc is None:
         return Desired(mood_id, None, State.ABSENT, reason="document deleted")
-    user = doc.get("user")
-    user = user if isinstance(user, str) and user else None
+    user = valid_user(doc.get("user"))
     rkey = doc_rkey(doc)
-    if is_deleted(doc.get("deleted")):
-        return Desired(mood_id, user, State.ABSENT, doc_rkey=rkey, reason="nuked")
+    deleted = doc.get("deleted")
+    if is_deleted(deleted):
+        reason = "nuked" if deleted is True else f"nuked (deleted: {preview(deleted)})"
+        return Desired(mood_id, user, State.ABSENT, doc_rkey=rkey, reason=reason)
     if user is None:
-        return Desired(mood_id, None, State.INVALID, reason="user: missing or not a string")
+        problem = user_problem(doc.get("user"), "user" in doc) or "user: unusable"
+        return Desired(mood_id, None, State.INVALID, doc_rkey=rkey, reason=problem)
     if not has_account:
         return Desired(mood_id, user, State.SKIPPED, doc_rkey=rkey, reason="no ATProto account")
     try:

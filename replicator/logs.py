@@ -16,15 +16,22 @@ from loguru import logger
 _SECRET_PATTERNS = [
     re.compile(
         r"(?i)(password|passwd|pwd|accessJwt|refreshJwt|token|authorization|bearer)"
-        r"(['\"]?\s*[:=]\s*['\"]?|\s+)([^\s'\",}]+)"
+        r"(['\"]?\s*[:=]\s*|\s+)(?:(?:bearer|basic)\s+)?"
+        # a quoted value whole (passwords may hold spaces and escaped quotes), else one word
+        r"(\"(?:[^\"\\]|\\.)*\"?|'(?:[^'\\]|\\.)*'?|[^\s'\",}]+)"
     ),
     re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),  # JWTs
     re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]+)(@)"),
 ]
 
 
+def _mask(m: re.Match[str]) -> str:
+    quote = m.group(3)[0] if m.group(3)[0] in "'\"" else ""
+    return f"{m.group(1)}{m.group(2)}{quote}***{quote}"
+
+
 def redact(text: str) -> str:
-    text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _SECRET_PATTERNS[0].sub(_mask, text)
     text = _SECRET_PATTERNS[1].sub("***", text)
     return _SECRET_PATTERNS[2].sub(r"\1***\3", text)
 

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from . import metrics
 from .apply import Applier
 from .config import Settings
 from .lease import Lease
 from .pds import Pds
+from .rollout import resolve_allowlist
 from .sessions import SessionPool
 from .store import Store, connect
 from .stream import Replicator
@@ -37,6 +39,7 @@ class Runtime:
             heartbeat_seconds=s.heartbeat_seconds,
             parked_retry_seconds=s.parked_retry_seconds,
             on_history_lost=s.on_history_lost,
+            on_batch=metrics.observe_batch,
             # A shadow (dry-run) replicator never blocks the real one.
             lease=None
             if s.dry_run
@@ -54,10 +57,13 @@ async def open_runtime(
     """`http` replaces the PDS connection pool (fault-injection tests wrap its transport)."""
     client = connect(settings.mongodb_uri)
     pds = Pds(
-        settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout
-    )
+        settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
+        on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
+    )  # fmt: skip
     try:
         store = Store(client, settings.db_name, settings.names)
+        if settings.dry_run:
+            store.checkpoint_name += ":dry-run"
         await store.ensure_indexes()
         sessions = SessionPool(pds, store)
         writer = RepoWriter(sessions)
@@ -66,7 +72,7 @@ async def open_runtime(
             writer,
             concurrency=settings.concurrency,
             dry_run=settings.dry_run,
-            only_users=frozenset(settings.only_users) if settings.only_users else None,
+            only_users=await resolve_allowlist(store, settings.only_users),
         )
         yield Runtime(settings, store, pds, sessions, writer, applier)
     finally:

@@ -1,7 +1,10 @@
-"""`replicator lexicon`: check lexicon documents and records from the command line.
+"""`replicator lexicon`: check lexicon documents and records, and publish the lexicons.
 
-The replicator's own validation (`replicator.lexicon`), so a schema change or a hand-made
-fixture can be checked before it meets a PDS.
+`check` is the replicator's own validation (`replicator.lexicon`), so a schema change or a
+hand-made fixture can be checked before it meets a PDS. `publish` puts each lexicon into the
+repo of its authority's account as a `com.atproto.lexicon.schema` record (rkey = the NSID),
+which is how other services resolve `computer.aesthetic.*` (with a DNS TXT record
+`_lexicon.aesthetic.computer` → `did=<that account's DID>`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import click
 
 from replicator.lexicon import (
@@ -21,6 +25,13 @@ from replicator.lexicon import (
     validate_lexicon,
     validate_record,
 )
+from replicator.logs import redact
+from replicator.pds import Pds, XrpcError
+
+SCHEMA_NSID = "com.atproto.lexicon.schema"
+SCHEMA_LOGIN = "com.atproto.server.createSession"
+# A command, not the sidecar: give up on a PDS that stays unreachable.
+PUBLISH_RETRY_TIMEOUT = 60.0
 
 __all__ = ["lexicon"]
 
@@ -206,3 +217,155 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+# -- publish ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    nsid: str
+    action: str  # "created", "updated", "unchanged", or with --dry-run "would create"...
+    uri: str
+    dns: str  # the TXT record that makes the NSID's authority resolve to this repo
+
+
+@lexicon.command(name="publish")
+@click.option(
+    "--pds-url",
+    envvar="PDS_URL",
+    show_envvar=True,
+    required=True,
+    help="The PDS hosting the authority's account.",
+)
+@click.option(
+    "--identifier",
+    envvar="REPLICATOR_LEXICON_IDENTIFIER",
+    show_envvar=True,
+    required=True,
+    metavar="HANDLE|DID",
+    help="The lexicon authority's account (for computer.aesthetic.*: the account "
+    "that _lexicon.aesthetic.computer points to).",
+)
+@click.option(
+    "--password",
+    envvar="REPLICATOR_LEXICON_PASSWORD",
+    show_envvar=True,
+    required=True,
+    help="Its password (prefer the variable: flags show in `ps`).",
+)
+@click.option(
+    "--lexicons",
+    "lexicon_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help=f"Lexicon directory  [default: {LEXICON_DIR}]",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def publish(
+    pds_url: str,
+    identifier: str,
+    password: str,
+    lexicon_dir: Path | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Publish every lexicon as a com.atproto.lexicon.schema record (rkey = its NSID).
+
+    Idempotent: a record that already holds the same document is left alone, so running it
+    again changes nothing. Lexicons are validated first; an invalid one publishes nothing.
+
+    \b
+    Exit status: 0 published or unchanged, 1 the PDS refused a write, 2 usage, invalid
+    lexicons, or the login failed.
+    """
+    try:
+        docs = load_lexicons(lexicon_dir)
+    except (OSError, LexiconError) as exc:
+        raise _EnvironmentError(f"cannot load lexicons: {exc}") from exc
+    try:
+        results = anyio.run(_publish_cli, pds_url, identifier, password, docs, dry_run)
+    except _LoginFailed as exc:
+        raise _EnvironmentError(str(exc)) from None
+    except XrpcError as exc:
+        click.echo(f"publish failed: {redact(str(exc))}", err=True)
+        click.get_current_context().exit(1)
+    if as_json:
+        click.echo(json.dumps({"results": [asdict(r) for r in results]}, indent=2))
+    else:
+        for r in results:
+            click.echo(f"{r.action:<14} {r.nsid}  {r.uri}")
+        for dns in sorted({r.dns for r in results}):
+            click.echo(f"resolution: {dns}")
+
+
+class _LoginFailed(Exception):
+    pass
+
+
+async def _publish_cli(
+    pds_url: str, identifier: str, password: str, docs: list[dict[str, Any]], dry_run: bool
+) -> list[Published]:
+    pds = Pds(pds_url, retry_timeout=PUBLISH_RETRY_TIMEOUT)
+    try:
+        return await publish_lexicons(pds, identifier, password, docs, dry_run=dry_run)
+    finally:
+        await pds.aclose()
+
+
+async def publish_lexicons(
+    pds: Pds,
+    identifier: str,
+    password: str,
+    docs: list[dict[str, Any]],
+    *,
+    dry_run: bool = False,
+) -> list[Published]:
+    """Log in once, then for each lexicon: read the record, put it only if it differs."""
+    try:
+        session = await pds.retrying(
+            lambda: pds.xrpc(SCHEMA_LOGIN, body={"identifier": identifier, "password": password})
+        )
+    except XrpcError as exc:
+        if exc.transient:
+            raise
+        raise _LoginFailed(f"login as {identifier} refused: {exc.error or exc.status}") from None
+    did, token = str(session["did"]), str(session["accessJwt"])
+    results = []
+    for doc in sorted(docs, key=lambda d: str(d["id"])):
+        nsid = str(doc["id"])
+        record = {"$type": SCHEMA_NSID, **doc}
+        current = await _get_record(pds, did, nsid)
+        uri = f"at://{did}/{SCHEMA_NSID}/{nsid}"
+        if current == record:
+            action = "unchanged"
+        else:
+            action = "created" if current is None else "updated"
+            if dry_run:
+                action = f"would {action.removesuffix('d')}"
+            else:
+                body = {"repo": did, "collection": SCHEMA_NSID, "rkey": nsid, "record": record}
+                await pds.retrying(
+                    lambda b=body: pds.xrpc("com.atproto.repo.putRecord", body=b, token=token)  # type: ignore[misc]
+                )
+        results.append(Published(nsid, action, uri, _dns_record(nsid, did)))
+    return results
+
+
+async def _get_record(pds: Pds, did: str, nsid: str) -> dict[str, Any] | None:
+    params = {"repo": did, "collection": SCHEMA_NSID, "rkey": nsid}
+    try:
+        out = await pds.retrying(lambda: pds.xrpc("com.atproto.repo.getRecord", params=params))
+    except XrpcError as exc:
+        if exc.status == 400 and exc.error == "RecordNotFound":
+            return None
+        raise
+    value = out.get("value")
+    return dict(value) if isinstance(value, dict) else None
+
+
+def _dns_record(nsid: str, did: str) -> str:
+    """NSID `computer.aesthetic.mood` → authority `aesthetic.computer` → its TXT record."""
+    authority = ".".join(reversed(nsid.split(".")[:-1]))
+    return f'_lexicon.{authority} TXT "did={did}"'

@@ -1,0 +1,199 @@
+"""(a) What the PDS alone accepts on this machine, and (b) the old inline writer's way.
+
+(a) is a direct load generator, no replicator involved: one session per account (logged in
+once when the users are seeded), then for a fixed time either single-record `createRecord`
+commits from `single_concurrency` workers, each on its own slice of the repos (the PDS
+serialises writes per repo), or `applyWrites` calls of 200 creates from `batch_concurrency`
+workers. Its records go to a collection of their own, so the mood collections the replicator
+scenarios list stay exactly theirs.
+
+(b) is what the app's HTTP handler does today, per mood: `createSession`, then `createRecord`,
+one mood after another. Raw HTTP, no SDK overhead: an upper bound for the old writer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from ..pds import APPLY_WRITES_MAX
+from .common import BenchUser, percentile
+
+LOAD_COLLECTION = "computer.aesthetic.benchload"
+
+
+def _record(i: int) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"$type": LOAD_COLLECTION, "mood": f"load {i} ✨", "when": now,
+            "ref": f"{i:024x}"}  # fmt: skip
+
+
+def _client(pds_url: str, connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=f"{pds_url.rstrip('/')}/xrpc/",
+        timeout=120,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
+async def _post(
+    http: httpx.AsyncClient, nsid: str, body: dict[str, Any], token: str | None = None
+) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return await http.post(nsid, content=orjson.dumps(body), headers=headers)
+
+
+def _token(user: BenchUser) -> str:
+    assert user.session is not None, "seeded users carry a session"
+    return user.session.access
+
+
+async def single_commits(
+    pds_url: str, users: Sequence[BenchUser], *, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """`createRecord` commits, `concurrency` in flight, each worker on its own repos."""
+    workers = max(1, min(concurrency, len(users)))
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    async with _client(pds_url, workers) as http:
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def worker(w: int) -> None:
+            mine = users[w::workers]
+            i = 0
+            while time.monotonic() < deadline:
+                user = mine[i % len(mine)]
+                body = {"repo": user.did, "collection": LOAD_COLLECTION,
+                        "record": _record(i * workers + w)}  # fmt: skip
+                t = time.monotonic()
+                resp = await _post(http, "com.atproto.repo.createRecord", body, _token(user))
+                statuses[resp.status_code] += 1
+                if resp.status_code == 200:
+                    latencies.append(time.monotonic() - t)
+                i += 1
+
+        async with anyio.create_task_group() as tg:
+            for w in range(workers):
+                tg.start_soon(worker, w)
+        elapsed = time.monotonic() - started
+    ok = statuses[200]
+    return {
+        "commits": ok,
+        "records": ok,
+        "seconds": round(elapsed, 3),
+        "commits_per_s": round(ok / elapsed, 1),
+        "records_per_s": round(ok / elapsed, 1),
+        "concurrency": workers,
+        "errors": sum(n for s, n in statuses.items() if s != 200),
+        "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
+        "latency_ms_p99": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
+    }
+
+
+async def apply_writes_batches(
+    pds_url: str,
+    users: Sequence[BenchUser],
+    *,
+    seconds: float,
+    concurrency: int,
+    batch: int = APPLY_WRITES_MAX,
+) -> dict[str, Any]:
+    """`applyWrites` of `batch` creates per call (one commit each), `concurrency` in flight."""
+    workers = max(1, min(concurrency, len(users)))
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    async with _client(pds_url, workers) as http:
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def worker(w: int) -> None:
+            mine = users[w::workers]
+            i = 0
+            while time.monotonic() < deadline:
+                user = mine[i % len(mine)]
+                writes = [
+                    {
+                        "$type": "com.atproto.repo.applyWrites#create",
+                        "collection": LOAD_COLLECTION,
+                        "value": _record(i * batch + j),
+                    }
+                    for j in range(batch)
+                ]
+                t = time.monotonic()
+                resp = await _post(
+                    http, "com.atproto.repo.applyWrites",
+                    {"repo": user.did, "writes": writes}, _token(user),
+                )  # fmt: skip
+                statuses[resp.status_code] += 1
+                if resp.status_code == 200:
+                    latencies.append(time.monotonic() - t)
+                i += 1
+
+        async with anyio.create_task_group() as tg:
+            for w in range(workers):
+                tg.start_soon(worker, w)
+        elapsed = time.monotonic() - started
+    ok = statuses[200]
+    return {
+        "commits": ok,
+        "records": ok * batch,
+        "seconds": round(elapsed, 3),
+        "commits_per_s": round(ok / elapsed, 2),
+        "records_per_s": round(ok * batch / elapsed, 1),
+        "batch": batch,
+        "concurrency": workers,
+        "errors": sum(n for s, n in statuses.items() if s != 200),
+        "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
+    }
+
+
+async def old_approach(
+    pds_url: str, users: Sequence[BenchUser], *, seconds: float, max_moods: int
+) -> dict[str, Any]:
+    """Per mood: `createSession` + `createRecord`, sequentially, as the app's handler does."""
+    statuses: Counter[str] = Counter()
+    login_s: list[float] = []
+    write_s: list[float] = []
+    done = 0
+    async with _client(pds_url, 1) as http:
+        started = time.monotonic()
+        while done < max_moods and time.monotonic() - started < seconds:
+            user = users[done % len(users)]
+            t0 = time.monotonic()
+            login = await _post(
+                http, "com.atproto.server.createSession",
+                {"identifier": user.handle, "password": user.password},
+            )  # fmt: skip
+            t1 = time.monotonic()
+            statuses[f"createSession {login.status_code}"] += 1
+            if login.status_code != 200:
+                done += 1
+                continue
+            token = str(login.json()["accessJwt"])
+            body = {"repo": user.did, "collection": LOAD_COLLECTION, "record": _record(done)}
+            resp = await _post(http, "com.atproto.repo.createRecord", body, token)
+            t2 = time.monotonic()
+            statuses[f"createRecord {resp.status_code}"] += 1
+            login_s.append(t1 - t0)
+            write_s.append(t2 - t1)
+            done += 1
+        elapsed = time.monotonic() - started
+    ok = statuses["createRecord 200"]
+    return {
+        "moods": ok,
+        "seconds": round(elapsed, 3),
+        "moods_per_s": round(ok / elapsed, 2),
+        "login_ms_p50": round(percentile(login_s, 50) * 1000, 1) if login_s else None,
+        "write_ms_p50": round(percentile(write_s, 50) * 1000, 1) if write_s else None,
+        "errors": sum(n for k, n in statuses.items() if not k.endswith(" 200")),
+    }
