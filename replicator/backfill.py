@@ -25,6 +25,7 @@ import anyio
 import orjson
 
 from .apply import Applier, Outcome
+from .desired import valid_user
 from .store import Store
 
 MAX_PASSES = 5
@@ -107,7 +108,7 @@ async def users_in_scope(
             subs.append(sub)
         return list(dict.fromkeys(subs))
     found = set(await store.moods.distinct("user")) | set(await store.ledger.distinct("user"))
-    users = sorted(u for u in found if isinstance(u, str) and u)
+    users = sorted(u for u in map(valid_user, found) if u)
     if sample is not None and sample < len(users):
         users = sorted(random.sample(users, sample))
     return users

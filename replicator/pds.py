@@ -249,8 +249,23 @@ def write_op(write: Write, collection: str = MOOD_COLLECTION) -> dict[str, Any]:
     }
 
 
-def chunks(items: Sequence[T], size: int = APPLY_WRITES_MAX) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+# The reference PDS refuses request bodies over 1,000,000 bytes (HTTP 413): leave headroom.
+MAX_BODY_BYTES = 900_000
+
+
+def batches(writes: Sequence[Write]) -> list[Sequence[Write]]:
+    """`applyWrites` batches: at most 200 operations and about 900 kB of JSON each."""
+    out: list[Sequence[Write]] = []
+    start, size = 0, 0
+    for i, write in enumerate(writes):
+        op_size = len(orjson.dumps(write_op(write)))
+        if i > start and (i - start >= APPLY_WRITES_MAX or size + op_size > MAX_BODY_BYTES):
+            out.append(writes[start:i])
+            start, size = i, 0
+        size += op_size
+    if start < len(writes):
+        out.append(writes[start:])
+    return out
 
 
 def put_body(did: str, rkey: str, record: Record) -> dict[str, Any]:

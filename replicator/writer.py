@@ -14,7 +14,7 @@ import anyio
 
 from .budget import cost as budget_cost
 from .model import Account, Write
-from .pds import MAX_INLINE_WAIT, MOOD_COLLECTION, XrpcError, chunks, put_body, write_op
+from .pds import MAX_INLINE_WAIT, MOOD_COLLECTION, XrpcError, batches, put_body, write_op
 from .ratelimit import TokenBucket
 from .sessions import SessionPool
 
@@ -45,7 +45,7 @@ class RepoWriter:
                 for write in writes:
                     results[write.rkey] = await self._single(account, write)
                 return results
-            for part in chunks(writes):
+            for part in batches(writes):
                 results.update(await self._batch(account, part))
         except XrpcError as exc:
             if exc.account_gone:

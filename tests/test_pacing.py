@@ -1,4 +1,4 @@
-"""Write budgets and the global rate: pure logic with a fake clock."""
+"""Pacing and batching: write budgets, the global rate, applyWrites batch limits (pure logic)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,21 @@ async def test_token_bucket_holds_the_global_rate() -> None:
 def test_bucket_rejects_a_non_positive_rate() -> None:
     with pytest.raises(ValueError, match="positive"):
         TokenBucket(0)
+
+
+def test_apply_writes_batches_hold_200_ops_and_stay_under_the_body_limit() -> None:
+    from replicator.pds import APPLY_WRITES_MAX, MAX_BODY_BYTES, batches
+
+    small = [Write("delete", "d", f"k{i}") for i in range(450)]
+    assert [len(b) for b in batches(small)] == [200, 200, 50]
+    record = {"$type": "computer.aesthetic.mood", "mood": "\u0001" * 5000, "when": "x", "ref": "r"}
+    big = [Write("put", "d", f"k{i}", record=record, exists=False) for i in range(100)]
+    parts = batches(big)
+    assert sum(len(b) for b in parts) == 100 and len(parts) > 1
+    import orjson
+
+    from replicator.pds import write_op
+
+    for part in parts:
+        assert len(part) <= APPLY_WRITES_MAX
+        assert sum(len(orjson.dumps(write_op(w))) for w in part) <= MAX_BODY_BYTES
