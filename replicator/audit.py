@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .apply import Applier, Outcome
 from .backfill import reconcile_until_stable
 from .plan import Finding
@@ -105,6 +106,8 @@ async def audit(
         outcome = await reconcile_until_stable(live, sub, fix=True)
         for key in ("put", "delete", "delete_orphan", "adopted", "parked"):
             repairs[key] += outcome.counts[key]
+    metrics.observe_repairs(repairs)
+    await metrics.flush_stats(store)  # launch figures: `status` shows the repairs made
     after = await audit_users(store, dry, users)
     after.fixed, after.repairs, after.before_fix = True, repairs, before
     return after

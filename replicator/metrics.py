@@ -248,9 +248,12 @@ def stats_id(moods: str, *, dry_run: bool = False) -> str:
     return f"stats:{moods}" + (":dry-run" if dry_run else "")
 
 
-async def flush_stats(store: Store, *, dry_run: bool = False, live: Mapping[str, Any]) -> None:
-    """Add the pending deltas to the stats document and record this process's live view
-    (`live`: lag, stream state, pid...). On failure the deltas are kept for the next flush."""
+async def flush_stats(
+    store: Store, *, dry_run: bool = False, live: Mapping[str, Any] | None = None
+) -> None:
+    """Add the pending deltas to the stats document and, from `replicator run`, its live view
+    (`live`: lag, stream state, pid...). A command (e.g. `audit --fix` after
+    `observe_repairs`) flushes without `live`. On failure the deltas are kept for next time."""
     global _pending
     pending, _pending = _pending, _Pending()
     inc: dict[str, float] = {}
@@ -263,8 +266,9 @@ async def flush_stats(store: Store, *, dry_run: bool = False, live: Mapping[str,
         inc["latency.sum"] = pending.latency_sum
         for i, n in pending.latency_buckets.items():
             inc[f"latency.buckets.{i}"] = n
-    fields: dict[str, Any] = {"live": {**live, "flushed_at": time.time()}}
-    fields["latency_bounds"] = list(SYNC_BUCKETS)
+    fields: dict[str, Any] = {"latency_bounds": list(SYNC_BUCKETS)}
+    if live is not None:
+        fields["live"] = {**live, "flushed_at": time.time()}
     if pending.last_error:
         fields["last_error"] = {"at": pending.last_error[0], "message": pending.last_error[1]}
     update: dict[str, Any] = {"$set": fields}

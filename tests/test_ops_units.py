@@ -178,3 +178,14 @@ def test_status_text_names_every_section() -> None:
                  "[dead letter] x", "reachable", "90.00% (9 synced, 1 failed)",
                  "avg 0.50s, p99 1.20s", "repairs made                   0"):  # fmt: skip
         assert part in text
+
+
+@pytest.mark.anyio
+async def test_repairs_from_a_command_are_flushed_without_a_live_view() -> None:
+    metrics.discard_pending()
+    metrics.observe_repairs({"put": 2, "delete": 0, "delete_orphan": 1, "moods": 9})
+    state = RecordingState()
+    await metrics.flush_stats(SimpleNamespace(state=state, names=SimpleNamespace(moods="m")))  # type: ignore[arg-type]
+    ((_query, update),) = state.calls
+    assert update["$inc"] == {"repairs.put": 2, "repairs.delete_orphan": 1}
+    assert "live" not in update["$set"]
