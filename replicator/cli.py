@@ -61,7 +61,7 @@ main.add_command(bench)
 def run_options(fn: F) -> F:
     options = [
         click.option("--batch-size", envvar="REPLICATOR_BATCH_SIZE", show_envvar=True,
-                     type=click.IntRange(1, 10_000), default=500, show_default=True,
+                     type=click.IntRange(1, 10_000), default=2000, show_default=True,
                      help="Change events applied (and checkpointed) together at most."),
         click.option("--on-history-lost", envvar="REPLICATOR_ON_HISTORY_LOST",
                      show_envvar=True, type=click.Choice(["reconcile", "fail"]),

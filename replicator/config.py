@@ -16,7 +16,7 @@ class Settings:
     db_name: str = DEFAULT_DB
     pds_url: str = "http://localhost:2583"
     names: Names = field(default_factory=Names)
-    batch_size: int = 500
+    batch_size: int = 2000
     concurrency: int = 8
     max_await_ms: int = 500
     heartbeat_seconds: float = 5.0

@@ -72,7 +72,7 @@ class Replicator:
         store: Store,
         applier: Applier,
         *,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         max_await_ms: int = 500,
         heartbeat_seconds: float = 5.0,
         parked_retry_seconds: float = 60.0,
