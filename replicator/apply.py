@@ -201,22 +201,29 @@ class Applier:
     async def _avoid_collisions(
         self, plan: UserPlan, account: Account, ledger: dict[ObjectId, LedgerEntry], remote: Any
     ) -> None:
-        """A derived TID already used by another mood's record gets the next salt."""
-        for i, mood in enumerate(plan.moods):
-            put = next((w for w in mood.writes if w.action == "put"), None)
-            if put is None or mood.desired.doc_rkey or ledger.get(mood.mood_id):
-                continue
-            salt = 0
-            rkey = put.rkey
-            while (owner := await self.store.rkey_owner(account.did, rkey)) not in (
-                None,
-                mood.mood_id,
-            ):
+        """A derived TID already used by another mood's record gets the next salt. One query
+        for the whole plan; a collision (rare) costs one more per salt tried."""
+        fresh = [
+            (i, mood, put)
+            for i, mood in enumerate(plan.moods)
+            if (put := next((w for w in mood.writes if w.action == "put"), None)) is not None
+            and not mood.desired.doc_rkey
+            and mood.mood_id not in ledger
+        ]
+        if not fresh:
+            return
+        owners = await self.store.rkey_owners(account.did, [put.rkey for _, _, put in fresh])
+        claimed: dict[str, ObjectId] = {}
+        for i, mood, put in fresh:
+            salt, rkey = 0, put.rkey
+            while (owner := claimed.get(rkey) or owners.get(rkey)) not in (None, mood.mood_id):
                 salt += 1
                 rkey = tid.from_object_id(mood.mood_id, salt)
                 logger.bind(mood_id=str(mood.mood_id), did=account.did).warning(
                     "rkey collision with mood {}: salted to {}", owner, rkey
                 )
+                owners.update(await self.store.rkey_owners(account.did, [rkey]))
+            claimed[rkey] = mood.mood_id
             if rkey != put.rkey:
                 writes = [replace(w, rkey=rkey) if w is put else w for w in mood.writes]
                 plan.moods[i] = replace(

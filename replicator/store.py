@@ -192,9 +192,10 @@ class Store:
         cursor = self.ledger.find({"user": sub})
         return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
 
-    async def rkey_owner(self, did: str, rkey: str) -> ObjectId | None:
-        doc = await self.ledger.find_one({"did": did, "rkey": rkey}, {"_id": 1})
-        return ObjectId(doc["_id"]) if doc else None
+    async def rkey_owners(self, did: str, rkeys: Sequence[str]) -> dict[str, ObjectId]:
+        """Which mood's ledger entry holds each of these rkeys in the repo `did`."""
+        cursor = self.ledger.find({"did": did, "rkey": {"$in": list(rkeys)}}, {"rkey": 1})
+        return {str(d["rkey"]): ObjectId(d["_id"]) async for d in cursor}
 
     async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
         if not entries:
