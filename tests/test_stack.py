@@ -22,6 +22,7 @@ from replicator.pds import MOOD_COLLECTION
 from replicator.store import Store, connect
 
 from .conftest import Users
+from .harness import latest_rev
 
 pytestmark = pytest.mark.anyio
 
@@ -31,15 +32,6 @@ RECORD = {
     "when": "2026-01-01T00:00:00.000Z",
     "ref": "0" * 24,
 }
-
-
-async def latest_rev(pds_url: str, did: str) -> str:
-    async with httpx.AsyncClient() as http:
-        resp = await http.get(
-            f"{pds_url}/xrpc/com.atproto.sync.getLatestCommit", params={"did": did}
-        )
-        resp.raise_for_status()
-        return str(resp.json()["rev"])
 
 
 async def test_insert_arrives_as_change_event(store: Store) -> None:

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def _http_ok(url: str) -> bool:
     return False
 
 
+def _launch(spawn: Callable[[int], tuple[Child, Callable[[], bool], str]], timeout: float) -> Child:
+    """Start a server and wait until it answers; up to three tries (a port taken meanwhile)."""
+    for attempt in range(3):
+        child, ready, what = spawn(attempt)
+        try:
+            child.wait_ready(ready, timeout=timeout, what=what)
+            return child
+        except StackError:
+            child.stop()
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class EmbeddedMongo:
     """nx-27017: a MongoDB wire-protocol server on SQLite, with change streams.
@@ -48,9 +64,13 @@ class EmbeddedMongo:
         return f"mongodb://{self.host}:{self.port}/?directConnection=true"
 
     def start(self) -> EmbeddedMongo:
+        """A restart keeps the port (clients hold the URI); a first start may move on to
+        another free port if it loses the race for the one it picked."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            if not self.port or attempt:
+        keep = bool(self.port)
+
+        def spawn(attempt: int) -> tuple[Child, Callable[[], bool], str]:
+            if not self.port or (attempt and not keep):
                 self.port = free_port(self.host)
             pid_file = self.data_dir / f"nx-27017-{self.port}.pid"
             pid_file.unlink(missing_ok=True)
@@ -59,19 +79,11 @@ class EmbeddedMongo:
                 "--host", self.host, "-p", str(self.port), "--pid-file", str(pid_file),
                 "--log-file", str(self.data_dir / "server.log"),
             ]  # fmt: skip
-            self.child = Child("mongodb (nx-27017)", argv, self.data_dir / "stdout.log")
-            try:
-                self.child.wait_ready(
-                    lambda: port_open(self.host, self.port),
-                    timeout=MONGO_READY_TIMEOUT,
-                    what=f"listening on {self.host}:{self.port}",
-                )
-                return self
-            except StackError:
-                self.child.stop()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+            child = Child("mongodb (nx-27017)", argv, self.data_dir / "stdout.log")
+            return child, lambda: port_open(self.host, self.port), f"listening on port {self.port}"
+
+        self.child = _launch(spawn, MONGO_READY_TIMEOUT)
+        return self
 
     def stop(self) -> None:
         if self.child is not None:
@@ -86,7 +98,8 @@ class EmbeddedMongo:
 class LocalPDS:
     """The reference PDS and an in-memory PLC from `@atproto/dev-env`, on Node 22.
 
-    Its state is in temporary SQLite files and the in-memory PLC: a restart is a new network.
+    `pause()`/`resume()` restart the PDS server with its data; a `stop()` and `start()` is a
+    new network (the PLC and the SQLite files live as long as the process).
     """
 
     log_dir: Path
@@ -102,33 +115,27 @@ class LocalPDS:
 
     def start(self) -> LocalPDS:
         ensure_pds_installed()
-        for attempt in range(3):
-            if not self.port or attempt:
-                self.port = free_port()
-            if not self.plc_port or attempt:
-                self.plc_port = free_port()
+        keep = bool(self.port)
+
+        def spawn(attempt: int) -> tuple[Child, Callable[[], bool], str]:
+            if not self.port or (attempt and not keep):
+                self.port, self.plc_port = free_port(), free_port()
+            self.plc_port = self.plc_port or free_port()
             env = npm_env()
             env.update(PDS_PORT=str(self.port), PLC_PORT=str(self.plc_port), LOG_ENABLED="false")
             env.setdefault("NODE_ENV", "development")
-            self.child = Child(
+            child = Child(
                 "PDS (@atproto/dev-env)",
                 [str(node_binary()), str(PDS_DIR / "pds.mjs")],
                 self.log_dir / f"pds-{self.port}.log",
                 env=env,
                 cwd=PDS_DIR,
             )
-            try:
-                self.child.wait_ready(
-                    lambda: _http_ok(f"{self.url}/xrpc/_health"),
-                    timeout=PDS_READY_TIMEOUT,
-                    what=f"answering {self.url}/xrpc/_health (PLC on port {self.plc_port})",
-                )
-                return self
-            except StackError:
-                self.child.stop()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+            url = f"{self.url}/xrpc/_health"
+            return child, lambda: _http_ok(url), f"answering {url} (PLC on port {self.plc_port})"
+
+        self.child = _launch(spawn, PDS_READY_TIMEOUT)
+        return self
 
     def stop(self) -> None:
         if self.child is not None:
