@@ -43,8 +43,19 @@ class HistoryLost(RuntimeError):
     """The saved position is no longer in the oplog (or was never valid)."""
 
 
-def _transient(exc: PyMongoError) -> bool:
-    """Worth reconnecting for: network errors, elections, and errors MongoDB labels retryable."""
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth reconnecting for: network errors, elections, and errors MongoDB labels retryable,
+    also when they come from the concurrent lanes, wrapped in an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_transient(e) for e in exc.exceptions)
+    if not isinstance(exc, PyMongoError):
+        return False
     if isinstance(exc, ConnectionFailure):
         return True
     return any(
@@ -189,11 +200,11 @@ class Replicator:
                     self.stream_open = False
                     with contextlib.suppress(PyMongoError):
                         await stream.close()
-            except PyMongoError as exc:
+            except Exception as exc:
                 if not _transient(exc):
                     raise
                 logger.warning("MongoDB unavailable ({}); resuming from the last checkpoint "
-                               "in {:.1f}s", exc, delay)  # fmt: skip
+                               "in {:.1f}s", _first(exc), delay)  # fmt: skip
                 with anyio.move_on_after(delay):
                     await stop.wait()
                 delay = min(delay * 2, 10.0)
