@@ -270,6 +270,14 @@ class Replicator:
                     # changes: poll gently rather than spin (every wait here is added lag).
                     with anyio.move_on_after(IDLE_POLL_SECONDS):
                         await stop.wait()
+            if not stream.alive:
+                # The server dropped the cursor without an invalidate (a restart that forgot
+                # it, say): reopen from the checkpoint rather than stall on a closed stream.
+                logger.warning("the change stream closed unexpectedly; reopening it from the "
+                               "last checkpoint")  # fmt: skip
+                with anyio.move_on_after(0.5):
+                    await stop.wait()
+                return
             if time.monotonic() >= next_parked:
                 next_parked = time.monotonic() + self.parked_retry_seconds
                 await self.applier.retry_parked()

@@ -263,6 +263,10 @@ class InvalidatingStream:
     def resume_token(self) -> Any:
         return self.stream.resume_token
 
+    @property
+    def alive(self) -> bool:
+        return bool(self.stream.alive)
+
     async def try_next(self) -> Any:
         change = await self.stream.try_next()
         if change is None and not self.sent:
@@ -348,3 +352,49 @@ async def test_derived_rkey_collision_is_salted(rt: Runtime, users: Users) -> No
     rkey = (await doc(rt.store, mood_id))["atproto"]["rkey"]
     assert rkey == tid.from_object_id(mood_id, 1) != taken
     assert list(await records(rt.settings.pds_url, user.did or "")) == [rkey]
+
+
+async def test_a_cursor_closed_without_invalidate_is_reopened(rt: Runtime, users: Users) -> None:
+    """A server that forgets the cursor (a restart) must not leave the stream silently dead."""
+    user = await users.make()
+    opened: list[ClosingStream] = []
+
+    async def open_stream(token: Mapping[str, Any] | None) -> Any:
+        stream = ClosingStream(
+            await rt.store.moods.watch(
+                full_document="updateLookup", start_after=token, max_await_time_ms=200
+            ),
+            die=not opened,
+        )
+        opened.append(stream)
+        return stream
+
+    async with running(rt, open_stream=open_stream):
+        await eventually(_opened_twice(opened), what="stream reopened")
+        await insert_mood(rt.store, user.sub, "after the reopen", when=WHEN)
+        await eventually(lambda: _has_records(rt, user.did, 1), what="mirrored")
+
+
+def _opened_twice(opened: list[Any]) -> Any:
+    async def check() -> bool:
+        return len(opened) >= 2
+
+    return check
+
+
+class ClosingStream(InvalidatingStream):
+    """The real stream, whose first empty answer reports the cursor gone (alive False)."""
+
+    def __init__(self, stream: Any, *, die: bool) -> None:
+        super().__init__(stream)
+        self.die, self.dead = die, False
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead and bool(self.stream.alive)
+
+    async def try_next(self) -> Any:
+        change = await self.stream.try_next()
+        if change is None and self.die:
+            self.dead = True
+        return change
