@@ -13,6 +13,7 @@ reason must stay storable in BSON even when the value is not valid UTF-8).
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -177,15 +178,33 @@ def build_record(doc: Mapping[str, Any], mood_id: ObjectId) -> Record:
         "when": format_when(doc["when"]),
         "ref": str(mood_id),
     }
-    try:
-        validate_record(record)
-    except LexiconError as exc:
-        raise InvalidMood(str(exc)) from None
+    _validate(record)
     return record
 
 
 def content_hash(record: Record) -> str:
     return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# Hashes of records that passed the lexicon. Every insert comes back as a second event (our own
+# `atproto.rkey` write-back) and every replay repeats the first: both re-derive a record already
+# validated. Bounded; only successes are kept, so an invalid record is always re-checked.
+_VALID: OrderedDict[str, None] = OrderedDict()
+_VALID_MAX = 50_000
+
+
+def _validate(record: Record) -> None:
+    key = content_hash(record)
+    if key in _VALID:
+        _VALID.move_to_end(key)
+        return
+    try:
+        validate_record(record)
+    except LexiconError as exc:
+        raise InvalidMood(str(exc)) from None
+    _VALID[key] = None
+    if len(_VALID) > _VALID_MAX:
+        _VALID.popitem(last=False)
 
 
 def doc_rkey(doc: Mapping[str, Any]) -> str | None:

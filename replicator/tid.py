@@ -9,6 +9,7 @@ the same second over 2^10 * 10^6 slots. A `salt` re-derives on the rare collisio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -43,6 +44,7 @@ def is_record_key(value: object) -> bool:
     return isinstance(value, str) and value not in {".", ".."} and bool(_RKEY_RE.fullmatch(value))
 
 
+@functools.lru_cache(maxsize=65536)  # each insert is seen again as its write-back event
 def from_object_id(oid: ObjectId, salt: int = 0) -> str:
     seconds = int.from_bytes(oid.binary[:4], "big")
     digest = hashlib.sha256(oid.binary + salt.to_bytes(4, "big")).digest()
