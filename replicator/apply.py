@@ -8,13 +8,15 @@ replayed or out-of-date event converges on the current state instead of an old o
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import orjson
 from bson import ObjectId
 from loguru import logger
 
@@ -35,6 +37,7 @@ class Outcome:
     counts: Counter[str] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
     users: set[str] = field(default_factory=set)
+    snapshot: str | None = None  # `docs_fingerprint` of the documents a reconcile read
 
     def merge(self, other: Outcome) -> None:
         self.counts.update(other.counts)
@@ -100,7 +103,9 @@ class Applier:
     async def reconcile_user(self, sub: str, *, fix: bool = True) -> Outcome:
         """Compare every mood of the user, the ledger and the full listing of the repo."""
         docs: dict[ObjectId, dict[str, Any]] = {}
-        for d in await self.store.moods_of_user(sub):
+        read = await self.store.moods_of_user(sub)
+        snapshot = docs_fingerprint(read)
+        for d in read:
             if isinstance(d["_id"], ObjectId):
                 docs[d["_id"]] = d
             elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
@@ -123,6 +128,7 @@ class Applier:
                 sub, account, desired, ledger, remote=remote, whole_user=True, fix=fix
             )
         metrics.observe_apply(result, time.monotonic() - started)
+        result.snapshot = snapshot
         return result
 
     async def retry_parked(self) -> Outcome:
@@ -349,6 +355,15 @@ class Applier:
             if not mood.writes:
                 outcome.counts[f"unchanged_{mood.entry.state.value}"] += 1
         outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
+
+
+def docs_fingerprint(docs: Sequence[Mapping[str, Any]]) -> str:
+    """What a concurrent writer could change in a user's moods (our own write-back aside)."""
+    items = [
+        (str(d["_id"]), repr(d.get("mood")), repr(d.get("when")), repr(d.get("deleted")))
+        for d in docs
+    ]
+    return hashlib.sha256(orjson.dumps(items)).hexdigest()
 
 
 def _user_of(doc: dict[str, Any]) -> str | None:

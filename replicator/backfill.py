@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import orjson
 
-from .apply import Applier, Outcome
+from .apply import Applier, Outcome, docs_fingerprint
 from .desired import valid_user
 from .store import Store
 
@@ -115,21 +115,16 @@ async def users_in_scope(
 
 
 async def fingerprint(store: Store, sub: str) -> str:
-    """What a concurrent writer could change: the user's moods, minus our own write-back."""
-    docs = await store.moods_of_user(sub)
-    items = [
-        (str(d["_id"]), repr(d.get("mood")), repr(d.get("when")), repr(d.get("deleted")))
-        for d in docs
-    ]
-    return hashlib.sha256(orjson.dumps(items)).hexdigest()
+    return docs_fingerprint(await store.moods_of_user(sub))
 
 
 async def reconcile_until_stable(applier: Applier, sub: str, *, fix: bool) -> Outcome:
+    """Reconcile, then check that the user's moods are still what the reconcile read; if a
+    concurrent change slipped in between, go again (a stale write never outlives its read)."""
     outcome = Outcome()
     for _ in range(MAX_PASSES):
-        before = await fingerprint(applier.store, sub)
         outcome = await applier.reconcile_user(sub, fix=fix)
-        if applier.dry_run or await fingerprint(applier.store, sub) == before:
+        if applier.dry_run or await fingerprint(applier.store, sub) == outcome.snapshot:
             return outcome
     return outcome
 
