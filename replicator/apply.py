@@ -31,6 +31,21 @@ from .writer import AccountGone, RepoWriter
 
 
 @dataclass
+class Pending:
+    """What a batch's lanes have applied and still has to be recorded in Mongo."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+    writebacks: dict[ObjectId, str] = field(default_factory=dict)
+    fixed: list[ObjectId] = field(default_factory=list)
+
+    async def flush(self, store: Store) -> None:
+        await store.save_entries(self.entries)
+        await store.write_back_many(self.writebacks)
+        await store.clear_dead_letters(self.fixed)
+        self.entries, self.writebacks, self.fixed = [], {}, []
+
+
+@dataclass
 class Outcome:
     """What an apply did, counted; `findings` are the divergences it saw (for audit/backfill)."""
 
@@ -76,6 +91,7 @@ class Applier:
         accounts = await self.store.accounts(u for u in by_user if u)
         outcome = Outcome()
         purged: set[str] = set()
+        pending = Pending()
 
         async def lane(user: str | None, mood_ids: list[ObjectId]) -> None:
             account = accounts.get(user) if user else None
@@ -84,7 +100,9 @@ class Applier:
             ]
             async with self._limiter:
                 started = time.monotonic()
-                result = await self._plan_and_apply(user, account, desired, ledger, remote=None)
+                result = await self._plan_and_apply(
+                    user, account, desired, ledger, remote=None, pending=pending
+                )
             metrics.observe_apply(result, time.monotonic() - started)
             outcome.merge(result)
             if user and account and any(d.state is State.ABSENT for d in desired):
@@ -93,6 +111,7 @@ class Applier:
         async with anyio.create_task_group() as tg:
             for user, mood_ids in by_user.items():
                 tg.start_soon(lane, user, mood_ids)
+        await pending.flush(self.store)
         # A user with no live mood left (purged or nuked) must end with an empty collection,
         # including records the ledger never knew (made by the old inline writer).
         for user in sorted(purged):
@@ -147,6 +166,7 @@ class Applier:
         remote: Any,
         whole_user: bool = False,
         fix: bool = True,
+        pending: Pending | None = None,
     ) -> Outcome:
         outcome = Outcome()
         if user:
@@ -198,9 +218,9 @@ class Applier:
                 return outcome
             if exc.transient:
                 raise
-            await self._apply_one_by_one(plan, account, outcome, ledger)
+            await self._apply_one_by_one(plan, account, outcome, ledger, pending)
             return outcome
-        await self._record(plan, ledger)
+        await self._record(plan, ledger, pending)
         self._count(outcome, plan, applied=True)
         return outcome
 
@@ -242,6 +262,7 @@ class Applier:
         account: Account | None,
         outcome: Outcome,
         before: dict[ObjectId, LedgerEntry],
+        pending: Pending | None = None,
     ) -> None:
         """A write the PDS refuses for good parks its mood only; the user's other moods flow."""
         assert account is not None
@@ -259,7 +280,7 @@ class Applier:
         if plan.sweep:
             await self.writer.apply(account, plan.sweep)
         applied = UserPlan(plan.user, account, done, plan.sweep)
-        await self._record(applied, before)  # clears the dead letters of moods now fixed
+        await self._record(applied, before, pending)  # also clears fixed moods' dead letters
         self._count(outcome, applied, applied=True)
 
     def _account_gone(self, plan: UserPlan) -> None:
@@ -314,12 +335,19 @@ class Applier:
             outcome.findings.append(Finding("parked", did, None, mood.mood_id, reason))
         await self.store.save_entries(entries)
 
-    async def _record(self, plan: UserPlan, before: dict[ObjectId, LedgerEntry]) -> None:
-        changed = [m.entry for m in plan.moods if _entry_changed(before.get(m.mood_id), m.entry)]
-        await self.store.save_entries(changed)
-        await self.store.write_back_many(
-            {m.mood_id: m.writeback for m in plan.moods if m.writeback}
-        )
+    async def _record(
+        self,
+        plan: UserPlan,
+        before: dict[ObjectId, LedgerEntry],
+        pending: Pending | None = None,
+    ) -> None:
+        """Ledger entries, write-backs and cleared dead letters of applied work; into `pending`
+        when given (one bulk write per batch instead of one per user)."""
+        own = pending if pending is not None else Pending()
+        own.entries += [
+            m.entry for m in plan.moods if _entry_changed(before.get(m.mood_id), m.entry)
+        ]
+        own.writebacks.update({m.mood_id: m.writeback for m in plan.moods if m.writeback})
         invalid = [m for m in plan.moods if m.entry.state is State.INVALID]
         for mood in invalid:
             before_entry = before.get(mood.mood_id)
@@ -332,14 +360,15 @@ class Applier:
                 logger.bind(mood_id=str(mood.mood_id), did=did).warning(
                     "invalid mood: {}", mood.entry.reason
                 )
-        fixed = [
+        own.fixed += [
             m.mood_id
             for m in plan.moods
             if m.entry.state is not State.INVALID
             and before.get(m.mood_id) is not None
             and before[m.mood_id].state in (State.INVALID, State.PARKED)
         ]
-        await self.store.clear_dead_letters(fixed)
+        if pending is None:
+            await own.flush(self.store)
 
     @staticmethod
     def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:

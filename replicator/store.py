@@ -126,8 +126,11 @@ class Store:
         self.checkpoint_name = f"checkpoint:{names.moods}"
 
     async def ensure_indexes(self) -> None:
+        """The ledger's own, and `moods.user`: the backfill, the audit and the purge sweep read
+        a user's moods, as the app does (a no-op where the app's index already exists)."""
+        await self.moods.create_index("user")
         await self.ledger.create_index("user")
-        await self.ledger.create_index([("did", 1), ("rkey", 1)])
+        await self.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
         await self.ledger.create_index("state")
         await self.dead_letters.create_index("user")
 
@@ -194,8 +197,8 @@ class Store:
 
     async def rkey_owners(self, did: str, rkeys: Sequence[str]) -> dict[str, ObjectId]:
         """Which mood's ledger entry holds each of these rkeys in the repo `did`."""
-        cursor = self.ledger.find({"did": did, "rkey": {"$in": list(rkeys)}}, {"rkey": 1})
-        return {str(d["rkey"]): ObjectId(d["_id"]) async for d in cursor}
+        cursor = self.ledger.find({"rkey": {"$in": list(rkeys)}}, {"rkey": 1, "did": 1})
+        return {str(d["rkey"]): ObjectId(d["_id"]) async for d in cursor if d.get("did") == did}
 
     async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
         if not entries:
