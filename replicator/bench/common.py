@@ -53,6 +53,7 @@ class Sizes:
     backlog: int = 100_000
     backlog_seconds: float = 300.0  # drain at most this long, then report how far it got
     core: int = 20_000
+    core_seconds: float = 120.0  # at most; events/s is then over what was applied by then
     capacity_seconds: float = 20.0
     single_concurrency: int = 32
     batch_concurrency: int = 4
@@ -76,7 +77,8 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=20, burst=1_000, purge=500, backfill=1_000, lag_seconds=10.0,
-                   backlog=10_000, backlog_seconds=60.0, core=2_000, capacity_seconds=4.0,
+                   backlog=10_000, backlog_seconds=60.0, core=2_000, core_seconds=60.0,
+                   capacity_seconds=4.0,
                    old_seconds=4.0, old_max=50)  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:

@@ -216,8 +216,9 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         "core: stream → desired → ledger diff (Mongo, null PDS)",
         "c_core",
         f"{_fmt(c_core.get('events_per_s'))} events/s",
-        f"{_fmt(c_core.get('events'))} events ({_fmt(c_core.get('moods'))} inserts + their "
-        f"write-backs) in {_fmt(c_core.get('seconds'))} s",
+        f"{_fmt(c_core.get('events'))} events in {_fmt(c_core.get('seconds'))} s (each insert, "
+        f"then its write-back; backlog of {_fmt(c_core.get('moods'))} inserts"
+        + (")" if c_core.get("caught_up", True) else ", not drained by then)"),
         f">= {CORE_EVENTS_PER_S:,.0f} events/s",
         "core",
     )
@@ -280,3 +281,9 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
         console.print(cpu)
     for note in report.get("notes", []):
         console.print(f"note: {note}", highlight=False)
+    code = report.get("code") or {}
+    if code.get("commit"):
+        dirty = code.get("uncommitted") or []
+        console.print(f"measured: commit {code['commit']}"
+                      + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""),
+                      highlight=False)  # fmt: skip

@@ -220,8 +220,11 @@ async def backfill(ctx: Ctx) -> dict[str, Any]:
     out_path = ctx.work_dir / "backfill-summary.json"
     out_path.unlink(missing_ok=True)
     args = ["backfill", "--json"]  # --concurrency: REPLICATOR_CONCURRENCY when given
+    profile_to = None
+    if ctx.profile_dir is not None:
+        profile_to = ctx.profile_dir / "backfill-replicator.pyisession"
     proc = ReplicatorProcess(ctx.env(db_name), ctx.work_dir / "backfill-replicator.log",
-                             args=args, stdout_path=out_path)  # fmt: skip
+                             args=args, stdout_path=out_path, profile_to=profile_to)  # fmt: skip
     firehose = Firehose(ctx.pds_url)
     async with anyio.create_task_group() as tg:
         await tg.start(firehose.run)
@@ -230,12 +233,19 @@ async def backfill(ctx: Ctx) -> dict[str, Any]:
         cpu0 = meter.snapshot()
         children0 = _children_cpu()
         t0 = time.monotonic()
+        spy = await _spy_on_mongo(ctx, "backfill") if profile_to is not None else None
         await proc.start()
         code = await proc.wait()
         wall = time.monotonic() - t0
+        if spy is not None:
+            await _stop_spy(spy)
+            if ctx.profile_dir is not None:
+                summarize_pyspy(ctx.profile_dir / "backfill-mongo.pyspy.txt")
         cpu = CpuMeter.between(cpu0, meter.snapshot(), {"replicator": _children_cpu() - children0})
         await anyio.sleep(0.5)
         tg.cancel_scope.cancel()
+    if profile_to is not None:
+        await _render_pyinstrument(profile_to)
     summary = _read_json(out_path)
     if code not in (0, 1) or not summary:
         raise RuntimeError(f"replicator backfill exited {code}; see {proc.log_path}")

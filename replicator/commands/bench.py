@@ -81,8 +81,8 @@ _NO_PDS = "http://no-pds.invalid"
     "--profile",
     "profile_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Profile the burst's replicator (pyinstrument), the MongoDB server during "
-    "the burst (py-spy) and the core (pyinstrument) into this folder.",
+    help="Profile the burst's and the backfill's replicator (pyinstrument), the MongoDB "
+    "server meanwhile (py-spy) and the core (pyinstrument) into this folder.",
 )
 @click.option(
     "--mongodb-uri",
@@ -126,6 +126,7 @@ def bench(**kw: Any) -> None:
         concurrency=kw["concurrency"], batch_size=kw["batch_size"],
         backlog_seconds=kw["backlog_seconds"],
     )  # fmt: skip
+    code = _code_version()
     work_dir = state_dir() / "bench"
     stack = LocalStack(
         mongodb_uri=kw["mongodb_uri"] or None,
@@ -162,12 +163,44 @@ def bench(**kw: Any) -> None:
                 say=say,
             )
         )
+    report["code"] = code
+    if _code_version() != code:
+        report["notes"].append(
+            "The replicator's files changed during the run: measurements that started a new "
+            "process after the change ran the new code."
+        )
     print_report(report, Console(width=max(150, Console().width)))
     if kw["json_path"]:
         kw["json_path"].write_bytes(dumps(report))
         say(f"JSON written to {kw['json_path']}")
     failed = [k for k, v in report["results"].items() if isinstance(v, dict) and "error" in v]
     sys.exit(1 if failed else 0)
+
+
+def _code_version() -> dict[str, Any]:
+    """Which replicator was measured: the commit, and whether its files differ from it."""
+    import subprocess
+
+    here = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit or None,
+            "uncommitted": sorted(line[3:] for line in changed if line.strip())}  # fmt: skip
 
 
 def _say(text: str) -> None:
