@@ -75,7 +75,7 @@ _NO_PDS = "http://no-pds.invalid"
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
-    help="The replicator's --batch-size. [default: its own default, 500]",
+    help="The replicator's --batch-size. [default: its own default, 2000]",
 )
 @click.option(
     "--profile",
