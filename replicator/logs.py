@@ -11,6 +11,7 @@ import re
 import sys
 from typing import Any
 
+import stamina.instrumentation
 from loguru import logger
 
 _SECRET_PATTERNS = [
@@ -50,6 +51,9 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     fmt = fmt or os.environ.get("REPLICATOR_LOG_FORMAT", "text")
     logger.remove()
     logger.configure(patcher=_patch)
+    # stamina would log each retry through the standard library, outside these sinks (not
+    # JSON, not redacted); retries are counted and logged by our own hook instead.
+    stamina.instrumentation.set_on_retry_hooks([])
     if fmt == "json":
         logger.add(sys.stderr, level=level, serialize=True)
     else:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 import stamina
+from loguru import logger
 
 from .budget import Budgets
 from .model import Record, RemoteRecord, Write
@@ -196,8 +197,10 @@ class Pds:
 
     def _hook(self, exc: Exception) -> bool | float:
         verdict = retry_hook(exc)
-        if verdict is not False and self._on_retry and isinstance(exc, XrpcError):
-            self._on_retry(exc)
+        if verdict is not False and isinstance(exc, XrpcError):
+            logger.warning("PDS call failed, retrying: {}", exc)
+            if self._on_retry:
+                self._on_retry(exc)
         return verdict
 
     # -- unauthenticated reads -------------------------------------------------------------
