@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,10 +57,17 @@ def _token(user: BenchUser) -> str:
     return user.session.access
 
 
-async def single_commits(
-    pds_url: str, users: Sequence[BenchUser], *, seconds: float, concurrency: int
-) -> dict[str, Any]:
-    """`createRecord` commits, `concurrency` in flight, each worker on its own repos."""
+async def _drive(
+    pds_url: str,
+    users: Sequence[BenchUser],
+    *,
+    seconds: float,
+    concurrency: int,
+    nsid: str,
+    body: Callable[[BenchUser, int], dict[str, Any]],
+) -> tuple[int, int, Counter[int], list[float], float]:
+    """`concurrency` workers, each on its own repos, sending `nsid` calls as fast as the PDS
+    answers for `seconds`: (workers, ok calls, statuses, latencies of the ok ones, elapsed)."""
     workers = max(1, min(concurrency, len(users)))
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -73,10 +80,8 @@ async def single_commits(
             i = 0
             while time.monotonic() < deadline:
                 user = mine[i % len(mine)]
-                body = {"repo": user.did, "collection": LOAD_COLLECTION,
-                        "record": _record(i * workers + w)}  # fmt: skip
                 t = time.monotonic()
-                resp = await _post(http, "com.atproto.repo.createRecord", body, _token(user))
+                resp = await _post(http, nsid, body(user, i * workers + w), _token(user))
                 statuses[resp.status_code] += 1
                 if resp.status_code == 200:
                     latencies.append(time.monotonic() - t)
@@ -86,7 +91,27 @@ async def single_commits(
             for w in range(workers):
                 tg.start_soon(worker, w)
         elapsed = time.monotonic() - started
-    ok = statuses[200]
+    return workers, statuses[200], statuses, latencies, elapsed
+
+
+def _errors(statuses: Counter[int]) -> int:
+    return sum(n for s, n in statuses.items() if s != 200)
+
+
+def _p(latencies: list[float], q: float) -> float | None:
+    return round(percentile(latencies, q) * 1000, 1) if latencies else None
+
+
+async def single_commits(
+    pds_url: str, users: Sequence[BenchUser], *, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """`createRecord` commits, `concurrency` in flight, each worker on its own repos."""
+    workers, ok, statuses, latencies, elapsed = await _drive(
+        pds_url, users, seconds=seconds, concurrency=concurrency,
+        nsid="com.atproto.repo.createRecord",
+        body=lambda user, n: {"repo": user.did, "collection": LOAD_COLLECTION,
+                              "record": _record(n)},
+    )  # fmt: skip
     return {
         "commits": ok,
         "records": ok,
@@ -94,9 +119,9 @@ async def single_commits(
         "commits_per_s": round(ok / elapsed, 1),
         "records_per_s": round(ok / elapsed, 1),
         "concurrency": workers,
-        "errors": sum(n for s, n in statuses.items() if s != 200),
-        "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
-        "latency_ms_p99": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
+        "errors": _errors(statuses),
+        "latency_ms_p50": _p(latencies, 50),
+        "latency_ms_p99": _p(latencies, 99),
     }
 
 
@@ -109,41 +134,19 @@ async def apply_writes_batches(
     batch: int = APPLY_WRITES_MAX,
 ) -> dict[str, Any]:
     """`applyWrites` of `batch` creates per call (one commit each), `concurrency` in flight."""
-    workers = max(1, min(concurrency, len(users)))
-    statuses: Counter[int] = Counter()
-    latencies: list[float] = []
-    async with _client(pds_url, workers) as http:
-        started = time.monotonic()
-        deadline = started + seconds
 
-        async def worker(w: int) -> None:
-            mine = users[w::workers]
-            i = 0
-            while time.monotonic() < deadline:
-                user = mine[i % len(mine)]
-                writes = [
-                    {
-                        "$type": "com.atproto.repo.applyWrites#create",
-                        "collection": LOAD_COLLECTION,
-                        "value": _record(i * batch + j),
-                    }
-                    for j in range(batch)
-                ]
-                t = time.monotonic()
-                resp = await _post(
-                    http, "com.atproto.repo.applyWrites",
-                    {"repo": user.did, "writes": writes}, _token(user),
-                )  # fmt: skip
-                statuses[resp.status_code] += 1
-                if resp.status_code == 200:
-                    latencies.append(time.monotonic() - t)
-                i += 1
+    def body(user: BenchUser, n: int) -> dict[str, Any]:
+        writes = [
+            {"$type": "com.atproto.repo.applyWrites#create", "collection": LOAD_COLLECTION,
+             "value": _record(n * batch + j)}
+            for j in range(batch)
+        ]  # fmt: skip
+        return {"repo": user.did, "writes": writes}
 
-        async with anyio.create_task_group() as tg:
-            for w in range(workers):
-                tg.start_soon(worker, w)
-        elapsed = time.monotonic() - started
-    ok = statuses[200]
+    workers, ok, statuses, latencies, elapsed = await _drive(
+        pds_url, users, seconds=seconds, concurrency=concurrency,
+        nsid="com.atproto.repo.applyWrites", body=body,
+    )  # fmt: skip
     return {
         "commits": ok,
         "records": ok * batch,
@@ -152,8 +155,8 @@ async def apply_writes_batches(
         "records_per_s": round(ok * batch / elapsed, 1),
         "batch": batch,
         "concurrency": workers,
-        "errors": sum(n for s, n in statuses.items() if s != 200),
-        "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
+        "errors": _errors(statuses),
+        "latency_ms_p50": _p(latencies, 50),
     }
 
 

@@ -172,7 +172,7 @@ async def run_bench(
             "MongoDB is nx-27017 (a wire-protocol server on SQLite, single-threaded Python), "
             "not mongod: every Mongo round trip costs far more CPU than on a real replica set, "
             "and getMore on a change stream returns at once instead of awaiting, so an idle "
-            "replicator polls every max_await_ms (500 ms)."
+            "replicator polls every 50 ms (stream.IDLE_POLL_SECONDS)."
         )
     notes.append(
         "Sessions are logged in once at seeding and copied into each scenario's database, as "
