@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -414,7 +414,3 @@ def _with_cids(plan: UserPlan, cids: dict[str, str | None]) -> UserPlan:
             mood = replace(mood, entry=replace(mood.entry, cid=cids[mood.entry.rkey]))
         moods.append(mood)
     return UserPlan(plan.user, plan.account, moods, plan.sweep, plan.findings)
-
-
-def ids_of(items: Iterable[ObjectId]) -> list[ObjectId]:
-    return list(dict.fromkeys(items))

@@ -223,17 +223,6 @@ class Pds:
             if not cursor or not page.get("records"):
                 return out
 
-    async def repo_exists(self, did: str) -> bool:
-        try:
-            await self.retrying(
-                lambda: self.xrpc("com.atproto.repo.describeRepo", params={"repo": did})
-            )
-        except XrpcError as exc:
-            if exc.account_gone or exc.status == 400:
-                return False
-            raise
-        return True
-
 
 def write_op(write: Write, collection: str = MOOD_COLLECTION) -> dict[str, Any]:
     """One `applyWrites` operation; `create` only where the record is known to be absent."""

@@ -25,21 +25,6 @@ class Session:
 class SessionStore(Protocol):
     async def load_session(self, did: str) -> Session | None: ...
     async def save_session(self, did: str, session: Session) -> None: ...
-    async def drop_session(self, did: str) -> None: ...
-
-
-class MemorySessionStore:
-    def __init__(self) -> None:
-        self.sessions: dict[str, Session] = {}
-
-    async def load_session(self, did: str) -> Session | None:
-        return self.sessions.get(did)
-
-    async def save_session(self, did: str, session: Session) -> None:
-        self.sessions[did] = session
-
-    async def drop_session(self, did: str) -> None:
-        self.sessions.pop(did, None)
 
 
 class SessionPool:
@@ -131,7 +116,3 @@ class SessionPool:
                 raise
         session = await self._renew(account, session)
         return await self.pds.retrying(lambda: fn(session.access))
-
-    async def forget(self, did: str) -> None:
-        self._cache.pop(did, None)
-        await self.store.drop_session(did)

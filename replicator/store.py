@@ -251,9 +251,6 @@ class Store:
             return False  # the document exists with a newer generation
         return True
 
-    async def clear_checkpoint(self) -> None:
-        await self.state.delete_one({"_id": self._checkpoint_id()})
-
     # -- sessions (SessionStore) --------------------------------------------------------------
 
     async def load_session(self, did: str) -> Session | None:
@@ -269,9 +266,6 @@ class Store:
                       "saved_at": time.time()}},
             upsert=True,
         )  # fmt: skip
-
-    async def drop_session(self, did: str) -> None:
-        await self.sessions.delete_one({"_id": did})
 
     # -- dead letters -------------------------------------------------------------------------
 

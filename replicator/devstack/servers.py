@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -160,11 +159,6 @@ class LocalPDS:
             timeout=PDS_READY_TIMEOUT,
             what=f"answering {self.url}/xrpc/_health after a restart",
         )
-
-
-def describe(url: str) -> dict[str, object]:
-    with urllib.request.urlopen(f"{url}/xrpc/com.atproto.server.describeServer", timeout=5) as r:  # noqa: S310
-        return dict(json.loads(r.read()))
 
 
 def state_dir() -> Path:
