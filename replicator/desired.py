@@ -169,6 +169,12 @@ def check_mood_text(doc: Mapping[str, Any]) -> str:
 
 
 def build_record(doc: Mapping[str, Any], mood_id: ObjectId) -> Record:
+    return _build(doc, mood_id)[0]
+
+
+def _build(doc: Mapping[str, Any], mood_id: ObjectId) -> tuple[Record, str]:
+    """The validated record and its content hash (computed once: it keys the validation
+    cache and is what the ledger compares)."""
     mood = check_mood_text(doc)
     if "when" not in doc:
         raise InvalidMood("when: missing")
@@ -178,8 +184,9 @@ def build_record(doc: Mapping[str, Any], mood_id: ObjectId) -> Record:
         "when": format_when(doc["when"]),
         "ref": str(mood_id),
     }
-    _validate(record)
-    return record
+    key = content_hash(record)
+    _validate(record, key)
+    return record, key
 
 
 def content_hash(record: Record) -> str:
@@ -193,8 +200,7 @@ _VALID: OrderedDict[str, None] = OrderedDict()
 _VALID_MAX = 50_000
 
 
-def _validate(record: Record) -> None:
-    key = content_hash(record)
+def _validate(record: Record, key: str) -> None:
     if key in _VALID:
         _VALID.move_to_end(key)
         return
@@ -240,7 +246,7 @@ def desired_state(
     if not has_account:
         return Desired(mood_id, user, State.SKIPPED, doc_rkey=rkey, reason="no ATProto account")
     try:
-        record = build_record(doc, mood_id)
+        record, key = _build(doc, mood_id)
     except InvalidMood as exc:
         return Desired(mood_id, user, State.INVALID, doc_rkey=rkey, reason=str(exc))
-    return Desired(mood_id, user, State.PRESENT, record, content_hash(record), rkey)
+    return Desired(mood_id, user, State.PRESENT, record, key, rkey)
