@@ -55,6 +55,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
+from replicator.devstack.observe import listed_records
 from replicator.devstack.procs import Child, free_port
 from replicator.devstack.seed import SeededUser, seed_user
 from replicator.devstack.servers import EmbeddedMongo, LocalPDS
@@ -802,7 +803,7 @@ class Soak:
                     skipped += len(want)
                     continue
                 expected_total += len(want)
-                have = await list_records(http, self.pds.url, user.did)
+                have = await listed_records(http, self.pds.url, user.did)
                 records_total += len(have)
                 by_ref: dict[str, list[str]] = {}
                 for rkey, value in have.items():
@@ -984,24 +985,6 @@ def valid_live(doc: Mapping[str, Any]) -> bool:
 
 def iso(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-
-
-async def list_records(http: httpx.AsyncClient, pds_url: str, did: str) -> dict[str, Doc]:
-    """rkey → value, every page, as any client would see them."""
-    out: dict[str, Doc] = {}
-    cursor: str | None = None
-    while True:
-        params: dict[str, Any] = {"repo": did, "collection": MOOD_NSID, "limit": 100}
-        if cursor:
-            params["cursor"] = cursor
-        resp = await http.get(f"{pds_url}/xrpc/com.atproto.repo.listRecords", params=params)
-        resp.raise_for_status()
-        page = resp.json()
-        for item in page["records"]:
-            out[item["uri"].rsplit("/", 1)[-1]] = item["value"]
-        cursor = page.get("cursor")
-        if not cursor or not page["records"]:
-            return out
 
 
 def normalise(message: str) -> str:

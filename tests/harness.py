@@ -12,6 +12,7 @@ import anyio
 import httpx
 
 from replicator.desired import desired_state
+from replicator.devstack.observe import listed_records
 from replicator.model import State
 from replicator.runtime import Runtime
 from replicator.store import Store
@@ -65,22 +66,8 @@ async def running(
 
 async def records(pds_url: str, did: str) -> dict[str, dict[str, Any]]:
     """rkey → value, listing every page, as an AppView would."""
-    out: dict[str, dict[str, Any]] = {}
-    cursor = None
     async with httpx.AsyncClient(timeout=30) as http:
-        while True:
-            params: dict[str, Any] = {"repo": did, "collection": "computer.aesthetic.mood",
-                                      "limit": 100}  # fmt: skip
-            if cursor:
-                params["cursor"] = cursor
-            resp = await http.get(f"{pds_url}/xrpc/com.atproto.repo.listRecords", params=params)
-            resp.raise_for_status()
-            page = resp.json()
-            for item in page["records"]:
-                out[item["uri"].rsplit("/", 1)[-1]] = item["value"]
-            cursor = page.get("cursor")
-            if not cursor or not page["records"]:
-                return out
+        return await listed_records(http, pds_url, did)
 
 
 async def latest_rev(pds_url: str, did: str) -> str:
