@@ -114,24 +114,33 @@ def run(**kw: Any) -> None:
 
 
 async def run_replicator(settings: Settings, ready: Callable[[], None] | None = None) -> int:
-    logger.info(
-        "replicator starting: mongodb={} db={} pds={}",
-        redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
-    )  # fmt: skip
     stop = anyio.Event()
-    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
-        replicator = rt.replicator()
-        await tg.start(health.serve, rt, replicator)  # /metrics /healthz /readyz, stats
+    # Signals are ours from the first line: a Ctrl-C while the runtime is still opening must
+    # stop it too, not fall to asyncio's default handler.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
 
-        async def on_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async def on_signals() -> None:
                 async for signum in signals:
                     logger.info("{}: finishing the batch in flight, then exiting",
                                 signal.Signals(signum).name)  # fmt: skip
                     stop.set()
                     return
 
-        tg.start_soon(on_signals)
+            tg.start_soon(on_signals)
+            code = await _run(settings, stop, ready)
+            tg.cancel_scope.cancel()
+    return code
+
+
+async def _run(settings: Settings, stop: anyio.Event, ready: Callable[[], None] | None) -> int:
+    logger.info(
+        "replicator starting: mongodb={} db={} pds={}",
+        redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
+    )  # fmt: skip
+    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+        replicator = rt.replicator()
+        await tg.start(health.serve, rt, replicator)  # /metrics /healthz /readyz, stats
         code = 0
         try:
             with anyio.CancelScope() as scope:

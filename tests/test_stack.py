@@ -158,28 +158,33 @@ def test_dev_ctrl_c_stops_everything(tmp_path: Path) -> None:
         text=True,
         env=env,
     )
-    assert proc.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if "no checkpoint" in line or "replicator starting" in line:
-            break
-    out = "".join(seen)
-    assert "insert a mood" in out, out
-    assert "listRecords" in out, out
-    children = [
-        int(p) for p in subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
-    ]  # fmt: skip
-    assert len(children) >= 2, f"expected MongoDB and PDS children, got {children}"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 0
-    assert _wait_gone(children) == [], "servers left running after Ctrl-C"
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "no checkpoint" in line or "replicator starting" in line:
+                break
+        out = "".join(seen)
+        assert "insert a mood" in out, out
+        assert "listRecords" in out, out
+        children = [
+            int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+            ).stdout.split()
+        ]  # fmt: skip
+        assert len(children) >= 2, f"expected MongoDB and PDS children, got {children}"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert _wait_gone(children) == [], "servers left running after Ctrl-C"
+    finally:  # a failure must not leave the stack running behind the test run
+        if proc.poll() is None:
+            proc.kill()  # its servers die with it (PR_SET_PDEATHSIG)
+            proc.wait(10)
 
 
 async def test_store_round_trip_uses_tz_aware_dates(store: Store) -> None:
