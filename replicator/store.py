@@ -30,7 +30,7 @@ Doc = dict[str, Any]
 
 @dataclass(frozen=True)
 class Names:
-    """Collection names; the production names are the defaults (the test server refuses `@`)."""
+    """Collection names; the production names are the defaults."""
 
     moods: str = "moods"
     users: str = "users"

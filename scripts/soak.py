@@ -66,7 +66,7 @@ T = TypeVar("T")
 
 DB_NAME = "soak"
 REPO = Path(__file__).resolve().parent.parent
-NAMES = Names(handles="handles")  # the embedded server refuses `@` in collection names
+NAMES = Names()
 MOOD_NSID = "computer.aesthetic.mood"
 MAX_MOOD_BYTES = 5000  # lexicons/computer/aesthetic/mood.json, maxLength (UTF-8 bytes)
 

@@ -18,10 +18,7 @@ from replicator.config import Settings
 from replicator.devstack.seed import SeededUser, seed_user
 from replicator.devstack.stack import LocalStack
 from replicator.runtime import Runtime, open_runtime
-from replicator.store import Names, Store, connect
-
-# The embedded test server accepts only [A-Za-z0-9_] in collection names.
-TEST_NAMES = Names(handles="handles")
+from replicator.store import Store, connect
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +42,6 @@ def settings(stack: LocalStack) -> Settings:
         mongodb_uri=stack.mongodb_uri,
         db_name=f"t_{secrets.token_hex(6)}",
         pds_url=stack.pds_url,
-        names=TEST_NAMES,
         heartbeat_seconds=0.2,
         max_await_ms=200,
         parked_retry_seconds=2.0,
@@ -134,4 +130,4 @@ def replica_set_uri(docker_available: bool) -> Iterator[str]:
         yield (f"mongodb://{mongo.username}:{mongo.password}@{host}:{port}/?directConnection=true")
 
 
-__all__ = ["TEST_NAMES", "Users", "connect", "env_for", "with_settings"]
+__all__ = ["Users", "connect", "env_for", "with_settings"]

@@ -34,8 +34,7 @@ from ..store import Doc, Names, Store
 
 __all__ = ["BENCH_NAMES", "MB", "BenchUser", "Ctx", "Doc", "Firehose", "Sizes"]
 
-# The embedded MongoDB server accepts only [A-Za-z0-9_] in collection names.
-BENCH_NAMES = Names(handles="handles")
+BENCH_NAMES = Names()
 MB = 1024 * 1024
 
 

@@ -11,7 +11,7 @@ import click
 
 from ..config import Settings
 from ..runtime import open_runtime
-from ..store import Names, Store, connect
+from ..store import Store, connect
 from .seed import insert_mood, seed_user
 from .stack import LocalStack
 
@@ -23,9 +23,7 @@ def run_dev(db_name: str, *, run_replicator_too: bool = True) -> int:
     click.echo("starting the local stack (MongoDB wire-protocol server + reference PDS)...")
     with stack:
         assert stack.mongodb_uri is not None and stack.pds_url is not None
-        # The embedded server accepts only [A-Za-z0-9_] in collection names.
-        names = Names(handles="handles") if stack.mongo is not None else Names()
-        settings = Settings(stack.mongodb_uri, db_name, stack.pds_url, names)
+        settings = Settings(stack.mongodb_uri, db_name, stack.pds_url)
         demo = anyio.run(_seed, settings, stack.pds_admin_password)
         _print_banner(settings, demo)
         if not run_replicator_too:

@@ -1,9 +1,10 @@
-"""The two servers of the local stack: MongoDB (wire-protocol, embedded) and the reference PDS."""
+"""The two servers of the local stack: MongoDB (SecantusDB, embedded) and the reference PDS."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -19,7 +20,6 @@ MONGO_READY_TIMEOUT = 30.0
 PDS_READY_TIMEOUT = 120.0
 # dev-env's fixed admin password (TestNetworkNoAppView); only the local stack uses it.
 LOCAL_PDS_ADMIN_PASSWORD = "admin-pass"
-_NX_MAIN = "import sys; from nx_27017.nx_27017 import main; sys.exit(main())"
 
 
 def _http_ok(url: str) -> bool:
@@ -48,14 +48,18 @@ def _launch(spawn: Callable[[int], tuple[Child, Callable[[], bool], str]], timeo
 
 @dataclass
 class EmbeddedMongo:
-    """nx-27017: a MongoDB wire-protocol server on SQLite, with change streams.
+    """SecantusDB: a single-node replica set speaking MongoDB's wire protocol, on WiredTiger.
 
-    Data lives in `data_dir` and survives a stop and start, which the fault tests rely on.
+    Run as a separate process (its code is GPL-2.0: never imported by `replicator`), with
+    `--sync-on-commit`, without which a kill -9 of the server loses acknowledged writes. Data
+    lives in `data_dir` and survives a stop and start, which the fault tests rely on.
+    `extra_args` set server options for a test (a short oplog, `--auth`).
     """
 
     data_dir: Path
     port: int = 0
     host: str = "127.0.0.1"
+    extra_args: tuple[str, ...] = ()
     child: Child | None = field(default=None, init=False)
 
     @property
@@ -71,14 +75,12 @@ class EmbeddedMongo:
         def spawn(attempt: int) -> tuple[Child, Callable[[], bool], str]:
             if not self.port or (attempt and not keep):
                 self.port = free_port(self.host)
-            pid_file = self.data_dir / f"nx-27017-{self.port}.pid"
-            pid_file.unlink(missing_ok=True)
             argv = [
-                sys.executable, "-c", _NX_MAIN, "--data-dir", str(self.data_dir),
-                "--host", self.host, "-p", str(self.port), "--pid-file", str(pid_file),
-                "--log-file", str(self.data_dir / "server.log"),
+                str(secantus_binary()), "--host", self.host, "--port", str(self.port),
+                "--storage-path", str(self.data_dir / "wt"), "--sync-on-commit",
+                "--log-level", "WARNING", *self.extra_args,
             ]  # fmt: skip
-            child = Child("mongodb (nx-27017)", argv, self.data_dir / "stdout.log")
+            child = Child("mongodb (SecantusDB)", argv, self.data_dir / "server.log")
             return child, lambda: port_open(self.host, self.port), f"listening on port {self.port}"
 
         self.child = _launch(spawn, MONGO_READY_TIMEOUT)
@@ -91,6 +93,20 @@ class EmbeddedMongo:
     def kill(self) -> None:
         if self.child is not None:
             self.child.kill()
+
+
+def secantus_binary() -> Path:
+    """`secantusd-py` from this environment (the `stack` extra installs it)."""
+    found = Path(sys.executable).parent / "secantusd-py"
+    if found.exists():
+        return found
+    on_path = shutil.which("secantusd-py")
+    if on_path is None:
+        raise StackError(
+            "SecantusDB is not installed: `pip install -e '.[stack]'` (or `.[dev]`) installs "
+            "the embedded MongoDB server, or set MONGODB_CONNECTION_STRING to a replica set"
+        )
+    return Path(on_path)
 
 
 @dataclass
