@@ -98,7 +98,8 @@ class Report:
 async def users_in_scope(
     store: Store, explicit: Sequence[str] = (), sample: int | None = None
 ) -> list[str]:
-    """`--user` (a sub or `@handle`), else every user with a mood or a ledger entry."""
+    """`--user` (a sub or `@handle`), else every user with a mood, a ledger entry or an
+    ATProto account (a purged user's records are still to be found)."""
     if explicit:
         subs = []
         for who in explicit:
@@ -107,8 +108,7 @@ async def users_in_scope(
                 raise LookupError(f"unknown user {who!r} (no such handle)")
             subs.append(sub)
         return list(dict.fromkeys(subs))
-    found = set(await store.moods.distinct("user")) | set(await store.ledger.distinct("user"))
-    users = sorted(u for u in map(valid_user, found) if u)
+    users = [u for u in await store.users_in_scope() if valid_user(u)]
     if sample is not None and sample < len(users):
         users = sorted(random.sample(users, sample))
     return users
@@ -137,35 +137,37 @@ class Backfill:
         fix: bool = False,
         concurrency: int = 4,
         on_progress: Callable[[Progress], None] | None = None,
+        name: str = RUN_ID,
     ) -> None:
+        """`name` keys the run's progress (the stream's recoveries use their own)."""
         self.applier = applier
         self.store = applier.store
         self.fix = fix
         self.concurrency = concurrency
         self.on_progress = on_progress
-        self._state = self.store.db[f"{self.store.names.prefix}backfill"]
+        self.name = name
 
     async def _resume_point(self, scope: str, restart: bool) -> tuple[str, set[str]]:
         """The unfinished run over the same scope, and the users it finished."""
-        run = await self.store.state.find_one({"_id": RUN_ID})
+        run = await self.store.load_run(self.name)
         if run and not restart and not run.get("finished") and run.get("scope") == scope:
-            cursor = self._state.find({"run": run["run"]}, {"_id": 1})
-            return str(run["run"]), {str(d["_id"]) async for d in cursor}
+            return str(run["run"]), await self.store.users_done(str(run["run"]))
         run_id = f"{time.time():.6f}"
         if not self.applier.dry_run:
-            await self.store.state.update_one(
-                {"_id": RUN_ID},
-                {"$set": {"run": run_id, "scope": scope, "started_at": time.time(),
-                          "finished": False}},
-                upsert=True,
-            )  # fmt: skip
+            await self.store.start_run(self.name, run_id, scope)
         return run_id, set()
 
     async def run(
-        self, users: Sequence[str], *, limit: int | None = None, restart: bool = False
+        self,
+        users: Sequence[str],
+        *,
+        limit: int | None = None,
+        restart: bool = False,
+        scope: str | None = None,
     ) -> Report:
+        """`scope` names what a resumed run must match (default: exactly these users)."""
         started = time.monotonic()
-        scope = hashlib.sha256(orjson.dumps(sorted(users))).hexdigest()
+        scope = scope or hashlib.sha256(orjson.dumps(sorted(users))).hexdigest()
         run_id, done = await self._resume_point(scope, restart)
         todo = [u for u in users if u not in done]
         report = Report(users=len(todo), skipped_users_done_before=len(users) - len(todo),
@@ -181,10 +183,7 @@ class Backfill:
                 outcome = await reconcile_until_stable(self.applier, sub, fix=self.fix)
                 report.outcome.merge(outcome)
                 if not self.applier.dry_run:
-                    await self._state.update_one(
-                        {"_id": sub}, {"$set": {"run": run_id, "done_at": time.time()}},
-                        upsert=True,
-                    )  # fmt: skip
+                    await self.store.user_done(run_id, sub)
                 progress.done_users += 1
                 progress.moods += outcome.counts["moods"]
                 progress.counts.update(outcome.counts)
@@ -201,8 +200,6 @@ class Backfill:
         report.users = progress.done_users
         report.interrupted = stop_scheduling.is_set() and progress.done_users < len(todo)
         if not self.applier.dry_run and not report.interrupted:
-            await self.store.state.update_one(
-                {"_id": RUN_ID}, {"$set": {"finished": True, "finished_at": time.time()}}
-            )
+            await self.store.finish_run(self.name)
         report.seconds = time.monotonic() - started
         return report

@@ -68,6 +68,22 @@ def run_options(fn: F) -> F:
                      default="reconcile", show_default=True,
                      help="When the saved resume token is no longer usable: reconcile every "
                           "mood against the PDS and go on, or exit with code 3."),
+        click.option("--max-batch-ms", envvar="REPLICATOR_MAX_BATCH_MS", show_envvar=True,
+                     type=click.IntRange(10, 60_000), default=250, show_default=True,
+                     help="A batch is applied after this long of reading, even if not full."),
+        click.option("--reset-position", is_flag=True,
+                     help="Ignore the saved position: start at the current one and reconcile "
+                          "every user against the PDS (after the collection was dropped or "
+                          "renamed: exit 4). Resumable."),
+        click.option("--lane-deadline", envvar="REPLICATOR_LANE_DEADLINE", show_envvar=True,
+                     type=click.FloatRange(1.0), default=60.0, show_default=True,
+                     help="Seconds a user's PDS writes may keep failing before that user's "
+                          "work is parked (retried with backoff) and the others move on."),
+        click.option("--account-recheck", "account_recheck_seconds",
+                     envvar="REPLICATOR_ACCOUNT_RECHECK_SECONDS", show_envvar=True,
+                     type=click.FloatRange(0.1), default=30.0, show_default=True,
+                     help="First re-check of a deactivated, taken down or moved account "
+                          "(then with backoff, at most every 15 minutes)."),
         click.option("--heartbeat", "heartbeat_seconds", envvar="REPLICATOR_HEARTBEAT_SECONDS",
                      show_envvar=True, type=float, default=5.0, show_default=True,
                      help="Seconds between checkpoint saves on a quiet collection."),
@@ -103,6 +119,10 @@ def run(**kw: Any) -> None:
     settings = settings_from(
         kw,
         batch_size=kw["batch_size"],
+        max_batch_ms=kw["max_batch_ms"],
+        reset_position=kw["reset_position"],
+        lane_deadline=kw["lane_deadline"],
+        account_recheck_seconds=kw["account_recheck_seconds"],
         on_history_lost=kw["on_history_lost"],
         heartbeat_seconds=kw["heartbeat_seconds"],
         lease_seconds=kw["lease_seconds"],
@@ -138,7 +158,7 @@ async def _run(settings: Settings, stop: anyio.Event, ready: Callable[[], None] 
         "replicator starting: mongodb={} db={} pds={}",
         redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
     )  # fmt: skip
-    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+    async with open_runtime(settings, lease=True) as rt, anyio.create_task_group() as tg:
         replicator = rt.replicator()
         await tg.start(health.serve, rt, replicator)  # /metrics /healthz /readyz, stats
         code = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .identity import PUBLIC_PLC
 from .store import Names
 
 DEFAULT_DB = "aesthetic"
@@ -17,8 +18,8 @@ class Settings:
     pds_url: str = "http://localhost:2583"
     names: Names = field(default_factory=Names)
     batch_size: int = 2000
+    max_batch_ms: int = 250
     concurrency: int = 8
-    max_await_ms: int = 500
     heartbeat_seconds: float = 5.0
     parked_retry_seconds: float = 60.0
     on_history_lost: Literal["reconcile", "fail"] = "reconcile"
@@ -27,6 +28,10 @@ class Settings:
     http_timeout: float = 30.0
     shutdown_grace: float = 10.0
     lease_seconds: float = 15.0
+    lane_deadline: float = 60.0  # a user whose PDS writes keep failing this long is parked
+    reset_position: bool = False
+    plc_url: str = PUBLIC_PLC
+    account_recheck_seconds: float = 30.0
     http_addr: str = "127.0.0.1:9464"  # /metrics /healthz /readyz; "off": none
 
     def __repr__(self) -> str:  # the URI may hold a password

@@ -3,16 +3,15 @@
 `classify` turns an XRPC answer (status, error name, message, Retry-After) into exactly one of
 these, so callers decide by type:
 
-| class                | meaning                                          | what the replicator does        |
-|----------------------|--------------------------------------------------|---------------------------------|
-| `AccountGone`        | the account or repo was deleted (final)          | deletes count as done           |
-| `AccountUnavailable` | deactivated, taken down, suspended (reversible)  | park every write of that user   |
-| `RateLimited`        | 429                                              | wait it out, or park the user   |
-| `InvalidSwap`        | someone else wrote the record                    | re-read it and re-plan          |
-| `AuthFailed`         | the account's password is refused                | park the user                   |
-| `TokenRejected`      | the access token expired or was revoked          | refresh the session once        |
-| `Transient`          | no answer, 5xx                                   | retry with backoff, then park   |
-| `Rejected`           | the PDS refused this write for good (4xx)        | park the mood                   |
+- `AccountGone`: the account or repo was deleted (final): deletes count as done.
+- `AccountUnavailable`: deactivated, taken down, suspended (reversible): park every write of
+  that user, deletes included, until the account is back.
+- `RateLimited`: 429: wait it out in place, or park the user when it is long.
+- `InvalidSwap`: someone else wrote the record: re-read it and re-plan.
+- `AuthFailed`: the account's password is refused: park the user.
+- `TokenRejected`: the access token expired or was revoked: refresh the session once.
+- `Transient`: no answer, 5xx: retry with backoff, then park the user.
+- `Rejected`: the PDS refused this write for good (4xx): park the mood.
 
 Messages never include request bodies or headers: they carry passwords and tokens.
 """

@@ -84,10 +84,9 @@ class Monitor:
     # -- read by the gauges and the HTTP thread ----------------------------------------------
 
     def lag(self) -> float:
-        r = self.replicator
-        if r.last_event_at is None or r.idle:
-            return 0.0
-        return max(0.0, time.time() - r.last_event_at)
+        """Seconds since the oldest change read but not yet applied (0 when caught up)."""
+        oldest = self.replicator.oldest_unapplied_at
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def checkpoint_age(self) -> float:
         last = self.replicator.last_checkpoint_at

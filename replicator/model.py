@@ -15,10 +15,14 @@ class State(StrEnum):
     """What the ledger knows about a mood's record on the PDS."""
 
     PRESENT = "present"  # the PDS holds the record (did, rkey) with this content hash
+    PENDING = "pending"  # a write is (or was) in flight: the record may or may not be there
     ABSENT = "absent"  # no record: the mood is deleted or gone; rkey kept for an un-nuke
     SKIPPED = "skipped"  # no record by policy: the user has no ATProto account / not enabled
     INVALID = "invalid"  # the document cannot become a valid record (reason says why)
     PARKED = "parked"  # could not be applied now (e.g. wrong password); retried later
+
+
+Location = tuple[str, str]  # (did, rkey): where a record of a mood may be
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,16 @@ class Account:
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """What the ledger knows of one mood's record.
+
+    `did`/`rkey` is the mood's address (kept after a delete, so an un-nuke restores the same
+    permalink). `held` is every location where a record of this mood may exist right now: a
+    superset of the truth, never less. A write is recorded in `held` (state `pending`) before
+    it is sent, so no record can exist that the ledger could not find; it shrinks only once a
+    delete has succeeded or a listing has shown the truth. `generation` is the lease
+    generation of the process that wrote the entry: an older one never overwrites it.
+    """
+
     mood_id: ObjectId
     user: str | None
     state: State
@@ -41,14 +55,30 @@ class LedgerEntry:
     reason: str | None = None
     attempts: int = 0
     retry_at: float | None = None  # parked work is retried from then on (epoch seconds)
+    held: tuple[Location, ...] = ()
+    generation: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is State.PRESENT and not self.held and self.did and self.rkey:
+            object.__setattr__(self, "held", ((self.did, self.rkey),))
 
     @property
     def on_pds(self) -> bool:
-        return self.state is State.PRESENT or (
-            self.state in (State.INVALID, State.PARKED)
-            and self.rkey is not None
-            and (self.hash is not None or self.cid is not None)
-        )
+        """A record of this mood may exist somewhere."""
+        return bool(self.held)
+
+    @property
+    def sure(self) -> bool:
+        """`hash`/`cid` say what the PDS holds at (did, rkey): the entry was written after
+        the PDS answered (an invalid edit keeps the content it had), not before."""
+        return self.state in (State.PRESENT, State.INVALID) and self.hash is not None
+
+    @property
+    def known_cid(self) -> str | None:
+        """The CID at (did, rkey) when the ledger is sure of it: the `swapRecord` to send."""
+        if self.state is State.PRESENT and self.held == ((self.did, self.rkey),):
+            return self.cid
+        return None
 
 
 @dataclass(frozen=True)
@@ -85,3 +115,14 @@ class Write:
     record: Record | None = None
     exists: bool | None = None  # known to be on the PDS (update) or not (create); None: unknown
     why: str = ""
+    cid: str | None = None  # the CID the ledger knows at this location (for `swapRecord`)
+
+    @property
+    def swap(self) -> tuple[bool, str | None]:
+        """(send `swapRecord`?, its value): the CID the record must have, None for "must not
+        exist". Nothing is sent where the ledger is unsure (after a crash, say)."""
+        if self.action == "put" and self.exists is False:
+            return True, None
+        if self.exists is not False and self.cid is not None:
+            return True, self.cid
+        return False, None

@@ -19,8 +19,19 @@ import orjson
 import stamina
 from loguru import logger
 
+from . import crashpoints
 from .budget import Budgets
-from .model import Record, RemoteRecord, Write
+from .errors import (
+    MAX_INLINE_WAIT,
+    AccountGone,
+    AuthFailed,
+    PdsError,
+    RateLimited,
+    Transient,
+    classify,
+)
+from .lease import Fence
+from .model import RemoteRecord, Write
 
 MOOD_COLLECTION = "computer.aesthetic.mood"
 WRITE_NSIDS = frozenset(
@@ -30,55 +41,6 @@ WRITE_NSIDS = frozenset(
 APPLY_WRITES_MAX = 200
 LIST_PAGE = 100
 T = TypeVar("T")
-
-_GONE_ERRORS = frozenset(
-    {"RepoNotFound", "AccountNotFound", "AccountDeactivated", "AccountTakedown"}
-)
-
-
-class XrpcError(Exception):
-    """An XRPC call failed. `status` 0 means no HTTP answer (refused, reset, timed out)."""
-
-    def __init__(
-        self,
-        nsid: str,
-        status: int,
-        error: str | None = None,
-        message: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        self.nsid = nsid
-        self.status = status
-        self.error = error
-        self.message = message
-        self.retry_after = retry_after
-        what = f"HTTP {status}" if status else "no answer"
-        detail = f" {error}" if error else ""
-        text = f": {message}" if message else ""
-        super().__init__(f"{nsid}: {what}{detail}{text}")
-
-    @property
-    def transient(self) -> bool:
-        return self.status == 0 or self.status == 429 or self.status >= 500
-
-    @property
-    def budget_exhausted(self) -> bool:
-        """An account's write budget is spent for longer than is worth waiting in place."""
-        return self.status == 429 and (self.retry_after or 0.0) > MAX_INLINE_WAIT
-
-    @property
-    def account_gone(self) -> bool:
-        if self.error in _GONE_ERRORS:
-            return True
-        return bool(self.message and "Could not find repo" in self.message)
-
-    @property
-    def token_problem(self) -> bool:
-        return self.error in {"ExpiredToken", "InvalidToken"} or self.status == 401
-
-
-class AuthFailed(XrpcError):
-    """The account's password was refused: its work is parked, others flow."""
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -101,20 +63,14 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-# A rate limit that resets sooner than this is waited out in place; a longer one (an account's
-# hourly or daily write budget) parks that account's work so the other accounts keep flowing.
-MAX_INLINE_WAIT = 30.0
-
-
 def retry_hook(exc: Exception) -> bool | float:
-    """stamina's hook: transient errors are retried, with the server's hint when it gave one."""
-    if not isinstance(exc, XrpcError) or not exc.transient:
-        return False
-    if exc.retry_after is None:
-        return True
-    if exc.status == 429 and exc.retry_after > MAX_INLINE_WAIT:
-        return False
-    return exc.retry_after
+    """stamina's hook: transient errors and short rate limits are retried, with the server's
+    hint when it gave one; a long rate limit is the caller's to decide (park the account)."""
+    if isinstance(exc, RateLimited):
+        return False if exc.long else (exc.retry_after if exc.retry_after is not None else True)
+    if isinstance(exc, Transient):
+        return exc.retry_after if exc.retry_after is not None else True
+    return False
 
 
 class Pds:
@@ -129,7 +85,8 @@ class Pds:
         timeout: float = 30.0,
         retry_timeout: float | None = None,
         on_request: Callable[[str, int], None] | None = None,
-        on_retry: Callable[[XrpcError], None] | None = None,
+        on_retry: Callable[[PdsError], None] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http or httpx.AsyncClient(
@@ -141,6 +98,9 @@ class Pds:
         self._on_retry = on_retry
         self.requests: Counter[str] = Counter()  # by NSID, for status and tests
         self.budgets = Budgets()
+        # Checked right before a write leaves the process (no await in between): a process
+        # that may have lost the lease sends nothing (lease.py).
+        self.fence = fence or Fence()
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -158,8 +118,11 @@ class Pds:
         """One call, no retry. A procedure without input (`post`, no `body`) sends no body:
         the PDS refuses one it does not expect."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.requests[nsid] += 1
         url = f"{self.base_url}/xrpc/{nsid}"
+        write = nsid in WRITE_NSIDS
+        if write:
+            self.fence.check()
+        self.requests[nsid] += 1
         try:
             if body is None and post:
                 resp = await self._http.post(url, headers=headers)
@@ -171,10 +134,14 @@ class Pds:
         except httpx.TransportError as exc:
             if self._on_request:
                 self._on_request(nsid, 0)
-            raise XrpcError(nsid, 0, type(exc).__name__, str(exc) or None) from None
+            if write:
+                crashpoints.hit("pds_call")
+            raise classify(nsid, 0, type(exc).__name__, str(exc) or None) from None
+        if write:
+            crashpoints.hit("pds_call")
         if self._on_request:
             self._on_request(nsid, resp.status_code)
-        if body is not None and isinstance(body.get("repo"), str) and nsid in WRITE_NSIDS:
+        if body is not None and isinstance(body.get("repo"), str) and write:
             self.budgets.observe(body["repo"], resp.headers)
         if resp.status_code == 200:
             return dict(orjson.loads(resp.content)) if resp.content else {}
@@ -184,7 +151,7 @@ class Pds:
             error, message = payload.get("error"), payload.get("message")
         except (orjson.JSONDecodeError, AttributeError):
             message = resp.reason_phrase
-        raise XrpcError(nsid, resp.status_code, error, message, _retry_after(resp.headers))
+        raise classify(nsid, resp.status_code, error, message, _retry_after(resp.headers))
 
     async def retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `call` on transient failures with exponential backoff and jitter."""
@@ -197,7 +164,7 @@ class Pds:
 
     def _hook(self, exc: Exception) -> bool | float:
         verdict = retry_hook(exc)
-        if verdict is not False and isinstance(exc, XrpcError):
+        if verdict is not False and isinstance(exc, PdsError):
             logger.warning("PDS call failed, retrying: {}", exc)
             if self._on_retry:
                 self._on_retry(exc)
@@ -222,6 +189,16 @@ class Pds:
             cursor = page.get("cursor")
             if not cursor or not page.get("records"):
                 return out
+
+    async def repo_status(self, did: str) -> dict[str, Any]:
+        """`com.atproto.sync.getRepoStatus`: `{active, status}` (deactivated, takendown, ...)."""
+        return await self.retrying(
+            lambda: self.xrpc("com.atproto.sync.getRepoStatus", params={"did": did})
+        )
+
+    async def health(self) -> dict[str, Any]:
+        """`/xrpc/_health`: `{version}` on the reference PDS."""
+        return await self.xrpc("_health")
 
 
 def write_op(write: Write, collection: str = MOOD_COLLECTION) -> dict[str, Any]:
@@ -260,5 +237,18 @@ def batches(writes: Sequence[Write]) -> list[Sequence[Write]]:
     return out
 
 
-def put_body(did: str, rkey: str, record: Record) -> dict[str, Any]:
-    return {"repo": did, "collection": MOOD_COLLECTION, "rkey": rkey, "record": record}
+def single_body(did: str, write: Write) -> dict[str, Any]:
+    """`putRecord` / `deleteRecord` input, with `swapRecord` where the ledger is sure: the
+    record's CID, or null for "must not exist" (a create)."""
+    body: dict[str, Any] = {"repo": did, "collection": MOOD_COLLECTION, "rkey": write.rkey}
+    if write.action == "put":
+        body["record"] = write.record
+    send, cid = write.swap
+    if send:
+        body["swapRecord"] = cid
+    return body
+
+
+XrpcError = PdsError  # the name other modules knew; prefer `errors.PdsError`
+
+__all__ = ["MAX_INLINE_WAIT", "AccountGone", "AuthFailed", "Pds", "PdsError", "XrpcError"]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bson import ObjectId
 
-from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
+from .model import Account, Desired, LedgerEntry, Location, RemoteRecord, State, Write
 
 FindingKind = Literal[
     "missing", "mismatch", "duplicate", "orphan", "stale", "invalid", "skipped", "parked"
@@ -95,6 +95,22 @@ def choose_rkey(
     return derive(desired.mood_id)
 
 
+def _held(
+    mood_id: ObjectId,
+    entry: LedgerEntry | None,
+    account: Account | None,
+    remote: RemoteIndex | None,
+) -> list[Location]:
+    """Every location where a record of this mood may be. A listing is the truth about the
+    account's own repo; what the ledger knows of other repos (a DID the user no longer has)
+    stays known, so audit keeps reporting it."""
+    known = list(entry.held) if entry is not None else []
+    if remote is None or account is None:
+        return known
+    listed = [(account.did, rkey) for rkey in remote.by_ref.get(str(mood_id), [])]
+    return listed + [loc for loc in known if loc[0] != account.did]
+
+
 def plan_mood(
     desired: Desired,
     entry: LedgerEntry | None,
@@ -106,56 +122,59 @@ def plan_mood(
 ) -> MoodPlan:
     mood_id = desired.mood_id
     did = account.did if account else (entry.did if entry else None)
-    # Where the PDS holds this mood's record(s) now.
-    held: list[tuple[str, str]] = []  # (did, rkey)
-    if remote is not None and did is not None:
-        held = [(did, rkey) for rkey in remote.by_ref.get(str(mood_id), [])]
-    elif entry is not None and entry.on_pds and entry.did and entry.rkey:
-        held = [(entry.did, entry.rkey)]
+    held = _held(mood_id, entry, account, remote)
     user = desired.user or (entry.user if entry else None)
     findings: list[Finding] = []
-    if account is not None:
-        # Only the account's own repo can be written with its credentials: a record left in
-        # a repo of a DID the user no longer has is reported, not written to.
-        for h_did, h_rkey in held:
-            if h_did != account.did:
-                findings.append(Finding("stale", h_did, h_rkey, mood_id, "another DID's repo"))
-        held = [h for h in held if h[0] == account.did]
+    # Only the account's own repo can be written with its credentials: a record left in a
+    # repo of a DID the user no longer has (or of a user with no account now) is reported and
+    # stays in `held`, never written to.
+    writable = [h for h in held if account is not None and h[0] == account.did]
+    stranded = [h for h in held if h not in writable]
+    for h_did, h_rkey in stranded:
+        findings.append(Finding("stale", h_did, h_rkey, mood_id, "another DID's repo"))
 
     if desired.state is State.PRESENT and account is not None:
         assert desired.record is not None
         rkey = choose_rkey(desired, entry, remote, derive)
         target = (account.did, rkey)
+        cid: str | None = None
+        exists: bool | None
         if remote is not None:
             current = remote.by_rkey.get(rkey)
             exists = current is not None and current.ref == str(mood_id)
             in_sync = exists and current is not None and current.value == desired.record
+            cid = current.cid if exists and current is not None else None
             if not exists:
                 findings.append(Finding("missing", account.did, rkey, mood_id))
             elif not in_sync:
                 findings.append(Finding("mismatch", account.did, rkey, mood_id))
+        elif entry is not None and entry.sure and entry.held == (target,):
+            exists, cid, in_sync = True, entry.cid, entry.hash == desired.hash
         else:
-            exists = bool(held) and held[0] == target
-            in_sync = exists and entry is not None and entry.hash == desired.hash
+            # In flight or parked (it may be there), or known not to be.
+            exists, in_sync = (None if target in writable else False), False
         writes: list[Write] = []
         if not in_sync:
             writes.append(
-                Write("put", account.did, rkey, mood_id, desired.record, exists, "desired")
+                Write("put", account.did, rkey, mood_id, desired.record, exists, "desired", cid)
             )
-        for other in held:
+        kept = [target]
+        for other in writable:
             if other == target:
                 continue
             findings.append(Finding("duplicate", other[0], other[1], mood_id))
             if fix or remote is None:
                 writes.append(Write("delete", other[0], other[1], mood_id, why="duplicate"))
-        cid = entry.cid if entry is not None and in_sync else None
-        if remote is not None and in_sync:
-            cid = remote.by_rkey[rkey].cid
-        new_entry = LedgerEntry(mood_id, user, State.PRESENT, account.did, rkey, desired.hash, cid)
+            else:
+                kept.append(other)
+        new_entry = LedgerEntry(
+            mood_id, user, State.PRESENT, account.did, rkey, desired.hash,
+            cid if in_sync else None, held=tuple(kept + stranded),
+        )  # fmt: skip
         writeback = rkey if desired.doc_rkey != rkey else None
         adopted = (
             remote is not None
-            and exists
+            and exists is True
             and (entry is None or entry.state is not State.PRESENT or entry.rkey != rkey)
         )
         return MoodPlan(mood_id, desired, writes, new_entry, writeback, findings, adopted)
@@ -163,33 +182,42 @@ def plan_mood(
     if desired.state is State.INVALID:
         # Keep whatever the PDS has: a bad edit must not destroy the user's record.
         findings.append(Finding("invalid", did, None, mood_id, desired.reason or ""))
-        kept = entry if entry is not None else LedgerEntry(mood_id, user, State.INVALID)
-        k_did, k_rkey, k_hash, k_cid = kept.did, kept.rkey, kept.hash, kept.cid
-        if not kept.on_pds:
-            k_hash = k_cid = None
-        if remote is not None and held:  # the listing is the truth about what the PDS has
-            k_did, k_rkey = held[0]
+        k_did, k_rkey = (entry.did, entry.rkey) if entry is not None else (did, None)
+        sure = entry is not None and entry.sure and bool(held)
+        k_hash = entry.hash if entry is not None and sure else None
+        k_cid = entry.cid if entry is not None and sure else None
+        if remote is not None and writable:  # the listing is the truth about what it holds
+            k_did, k_rkey = writable[0]
             k_cid = remote.by_rkey[k_rkey].cid or "unknown"
         new_entry = LedgerEntry(
-            mood_id, user, State.INVALID, k_did, k_rkey, k_hash, k_cid, desired.reason
-        )
+            mood_id, user, State.INVALID, k_did, k_rkey, k_hash, k_cid, desired.reason,
+            held=tuple(held),
+        )  # fmt: skip
         return MoodPlan(mood_id, desired, [], new_entry, None, findings)
 
     # ABSENT (deleted/nuked) or SKIPPED (no account): no record may exist.
-    state = State.SKIPPED if desired.state is State.SKIPPED else State.ABSENT
-    if desired.state is State.PRESENT:  # present but no account
-        state = State.SKIPPED
+    state = State.ABSENT if desired.state is State.ABSENT else State.SKIPPED
     if state is State.SKIPPED:
         findings.append(Finding("skipped", None, None, mood_id, desired.reason or "no account"))
     writes = []
-    for h_did, h_rkey in held:
+    for h_did, h_rkey in writable:
         findings.append(Finding("stale", h_did, h_rkey, mood_id, desired.reason or ""))
-        writes.append(Write("delete", h_did, h_rkey, mood_id, exists=True, why="not desired"))
+        cid = remote.by_rkey[h_rkey].cid if remote is not None else _cid_at(entry, h_did, h_rkey)
+        writes.append(Write("delete", h_did, h_rkey, mood_id, exists=True, why="not desired",
+                            cid=cid))  # fmt: skip
     keep_rkey = (
         desired.doc_rkey or (entry.rkey if entry else None) or (held[0][1] if held else None)
     )
-    new_entry = LedgerEntry(mood_id, user, state, did, keep_rkey, None, None, desired.reason)
+    new_entry = LedgerEntry(
+        mood_id, user, state, did, keep_rkey, None, None, desired.reason, held=tuple(stranded)
+    )
     return MoodPlan(mood_id, desired, writes, new_entry, None, findings)
+
+
+def _cid_at(entry: LedgerEntry | None, did: str, rkey: str) -> str | None:
+    if entry is not None and (entry.did, entry.rkey) == (did, rkey):
+        return entry.known_cid
+    return None
 
 
 def plan_user(
@@ -220,3 +248,42 @@ def plan_user(
             if fix:
                 plan.sweep.append(Write("delete", account.did, rkey, exists=True, why="orphan"))
     return plan
+
+
+def salt_collisions(
+    plan: UserPlan,
+    ledger: Mapping[ObjectId, LedgerEntry],
+    owners: Mapping[str, ObjectId | None],
+    derive: Callable[[ObjectId, int], str],
+) -> tuple[UserPlan, set[str]]:
+    """Give a new mood whose derived TID is already another mood's record the next salt.
+
+    `owners` says which mood's ledger entry holds each rkey in this repo (None: nobody) for
+    the rkeys looked up so far. Returns the salted plan and the rkeys it still needs owners
+    for: look those up and call again (one lookup for the whole plan; a collision, which is
+    rare, costs one more per salt tried)."""
+    if plan.account is None:
+        return plan, set()
+    unknown: set[str] = set()
+    claimed: dict[str, ObjectId] = {}
+    moods = list(plan.moods)
+    for i, mood in enumerate(moods):
+        put = next((w for w in mood.writes if w.action == "put"), None)
+        if put is None or mood.desired.doc_rkey or mood.mood_id in ledger:
+            continue
+        salt, rkey = 0, put.rkey
+        while True:
+            if rkey not in owners and rkey not in claimed:
+                unknown.add(rkey)
+                break
+            owner = claimed.get(rkey) or owners.get(rkey)
+            if owner is None or owner == mood.mood_id:
+                break
+            salt += 1
+            rkey = derive(mood.mood_id, salt)
+        claimed[rkey] = mood.mood_id
+        if rkey != put.rkey:
+            writes = [replace(w, rkey=rkey) if w is put else w for w in mood.writes]
+            entry = replace(mood.entry, rkey=rkey, held=((plan.account.did, rkey),))
+            moods[i] = replace(mood, writes=writes, entry=entry, writeback=rkey)
+    return replace(plan, moods=moods), unknown

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import httpx
 
 from . import metrics
+from .accounts import AccountGate
 from .apply import Applier
 from .config import Settings
-from .lease import Lease
+from .identity import Resolver
+from .lease import Fence, Lease
 from .pds import Pds
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
@@ -28,6 +30,7 @@ class Runtime:
     sessions: SessionPool
     writer: RepoWriter
     applier: Applier
+    lease: Lease | None = None
 
     def replicator(self) -> Replicator:
         s = self.settings
@@ -35,15 +38,13 @@ class Runtime:
             self.store,
             self.applier,
             batch_size=s.batch_size,
-            max_await_ms=s.max_await_ms,
+            max_batch_ms=s.max_batch_ms,
             heartbeat_seconds=s.heartbeat_seconds,
             parked_retry_seconds=s.parked_retry_seconds,
             on_history_lost=s.on_history_lost,
+            reset_position=s.reset_position,
             on_batch=metrics.observe_batch,
-            # A shadow (dry-run) replicator never blocks the real one.
-            lease=None
-            if s.dry_run
-            else Lease(self.store.state, f"lease:{s.names.moods}", ttl=s.lease_seconds),
+            lease=self.lease,
         )
 
 
@@ -53,28 +54,58 @@ async def open_runtime(
     *,
     retry_timeout: float | None = None,
     http: httpx.AsyncClient | None = None,
+    lease: bool = False,
 ) -> AsyncIterator[Runtime]:
-    """`http` replaces the PDS connection pool (fault-injection tests wrap its transport)."""
+    """`http` replaces the PDS connection pool (fault-injection tests wrap its transport).
+    `lease`: this process will hold the lease (`replicator run`) and fences every write with
+    it; otherwise writes carry the lease generation current when the runtime opens."""
     client = connect(settings.mongodb_uri)
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
     )  # fmt: skip
+    plc = httpx.AsyncClient(timeout=10.0)
     try:
         store = Store(client, settings.db_name, settings.names)
         if settings.dry_run:
             store.checkpoint_name += ":dry-run"
         await store.ensure_indexes()
+        keeper = None
+        if (
+            lease and not settings.dry_run
+        ):  # a shadow (dry-run) replicator never blocks the real one
+            keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
+            store.fence = pds.fence = keeper
+        else:
+            store.fence = pds.fence = Fence(await current_generation(store, settings))
         sessions = SessionPool(pds, store)
         writer = RepoWriter(sessions)
+        gate = AccountGate(
+            store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
+            recheck_seconds=settings.account_recheck_seconds,
+        )  # fmt: skip
         applier = Applier(
             store,
             writer,
+            gate=gate,
             concurrency=settings.concurrency,
             dry_run=settings.dry_run,
             only_users=await resolve_allowlist(store, settings.only_users),
+            lane_deadline=settings.lane_deadline,
         )
-        yield Runtime(settings, store, pds, sessions, writer, applier)
+        yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
     finally:
+        await plc.aclose()
         await pds.aclose()
         await client.close()
+
+
+def lease_name(settings: Settings) -> str:
+    return f"lease:{settings.names.moods}"
+
+
+async def current_generation(store: Store, settings: Settings) -> int | None:
+    """The generation of the lease as it stands: what a command's writes are stamped with."""
+    doc = await store.state.find_one({"_id": lease_name(settings)}, {"generation": 1})
+    generation = (doc or {}).get("generation")
+    return int(generation) if isinstance(generation, int) else None

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 
 import anyio
 
+from .errors import AuthFailed, Rejected, TokenRejected
 from .model import Account
-from .pds import AuthFailed, Pds, XrpcError
+from .pds import Pds
 
 
 @dataclass
@@ -57,10 +58,8 @@ class SessionPool:
                     body={"identifier": account.did, "password": account.password},
                 )
             )
-        except XrpcError as exc:
-            if exc.status in (400, 401) and not exc.account_gone:
-                raise AuthFailed(exc.nsid, exc.status, exc.error, exc.message) from None
-            raise
+        except (TokenRejected, Rejected) as exc:  # the password, not the account's state
+            raise AuthFailed(exc.nsid, exc.status, exc.error, exc.message) from None
         self.logins += 1
         if self._on_login:
             self._on_login(account.did)
@@ -75,9 +74,7 @@ class SessionPool:
                     "com.atproto.server.refreshSession", post=True, token=stale.refresh
                 )
             )
-        except XrpcError as exc:
-            if exc.transient:
-                raise
+        except (TokenRejected, Rejected):
             return await self._login(account)  # refresh token expired or revoked: log in once
         self.refreshes += 1
         session = Session(out["accessJwt"], out["refreshJwt"])
@@ -111,8 +108,7 @@ class SessionPool:
         session = await self.session(account)
         try:
             return await self.pds.retrying(lambda: fn(session.access))
-        except XrpcError as exc:
-            if not exc.token_problem or exc.account_gone:
-                raise
+        except TokenRejected:
+            pass
         session = await self._renew(account, session)
         return await self.pds.retrying(lambda: fn(session.access))

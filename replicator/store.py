@@ -11,19 +11,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bson import ObjectId
 from bson.codec_options import DatetimeConversion
-from pymongo import AsyncMongoClient, UpdateOne
+from pymongo import AsyncMongoClient, ReadPreference, UpdateOne, WriteConcern
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.read_concern import ReadConcern
 
+from . import crashpoints
+from .accounts import ParkedAccount
 from .desired import is_deleted
-from .model import Account, LedgerEntry, State
+from .lease import Fence, Fenced
+from .model import Account, LedgerEntry, Location, State
 from .sessions import Session
+
+# What the stream loop reads of a moods change event: which document, what happened, when.
+# The document itself is read by `_id` when the event is applied (so a replay converges on
+# the current state), so nothing of it is asked for: no `updateLookup`, and a document near
+# 16 MB cannot make an event too large to return (a crash loop: such an event cannot be
+# resumed past). The pre-image's `user` names the owner of a purged mood the ledger never
+# knew, where the collection has pre-images on (docs/deploy.md).
+MOODS_EVENT = {
+    "operationType": 1, "documentKey": 1, "ns": 1, "to": 1, "clusterTime": 1, "wallTime": 1,
+    "fullDocumentBeforeChange.user": 1,
+}  # fmt: skip
+# Of a `users` event: whose, and which fields changed (names only: the values hold passwords).
+USERS_EVENT = {
+    "operationType": 1, "documentKey": 1, "ns": 1, "clusterTime": 1,
+    "changed": {"$map": {"input": {"$objectToArray": {
+        "$ifNull": ["$updateDescription.updatedFields", {}]}}, "as": "f", "in": "$$f.k"}},
+    "removed": {"$ifNull": ["$updateDescription.removedFields", []]},
+}  # fmt: skip
 
 Doc = dict[str, Any]
 
@@ -53,6 +76,10 @@ class Names:
     def dead_letters(self) -> str:
         return f"{self.prefix}dead_letters"
 
+    @property
+    def accounts(self) -> str:
+        return f"{self.prefix}accounts"
+
 
 def connect(uri: str) -> AsyncMongoClient[Doc]:
     return AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
@@ -74,6 +101,17 @@ def account_from_user(doc: Mapping[str, Any] | None) -> Account | None:
     return Account(str(doc["_id"]), did, handle if isinstance(handle, str) else None, password)
 
 
+def _held(doc: Mapping[str, Any]) -> tuple[Location, ...]:
+    if "held" in doc:
+        return tuple((str(h[0]), str(h[1])) for h in doc.get("held") or ())
+    # Written before `held` existed: a record is where the entry says, if it says it is there.
+    did, rkey, state = doc.get("did"), doc.get("rkey"), doc.get("state")
+    there = state == State.PRESENT.value or (
+        state in (State.INVALID.value, State.PARKED.value) and (doc.get("hash") or doc.get("cid"))
+    )
+    return ((str(did), str(rkey)),) if there and did and rkey else ()
+
+
 def entry_from_doc(doc: Mapping[str, Any]) -> LedgerEntry:
     return LedgerEntry(
         mood_id=ObjectId(doc["_id"]),
@@ -86,6 +124,8 @@ def entry_from_doc(doc: Mapping[str, Any]) -> LedgerEntry:
         reason=doc.get("reason"),
         attempts=int(doc.get("attempts", 0)),
         retry_at=doc.get("retry_at"),
+        held=_held(doc),
+        generation=doc.get("generation"),
     )
 
 
@@ -100,12 +140,25 @@ def entry_to_doc(entry: LedgerEntry) -> Doc:
         "reason": entry.reason,
         "attempts": entry.attempts,
         "retry_at": entry.retry_at,
+        "held": [list(h) for h in entry.held],
+        "generation": entry.generation,
     }
 
 
 class Store:
-    def __init__(self, client: AsyncMongoClient[Doc], db_name: str, names: Names) -> None:
+    """Every read a decision depends on comes from the primary with majority read concern,
+    and every write waits for a majority, whatever the connection string says: a decision made
+    on a read that a failover rolls back could resurrect a record."""
+
+    def __init__(
+        self,
+        client: AsyncMongoClient[Doc],
+        db_name: str,
+        names: Names,
+        fence: Fence | None = None,
+    ) -> None:
         self.client = client
+        self.fence = fence or Fence()
         # Invalid UTF-8 and dates outside the years 1-9999 decode (to lone surrogates, to
         # `DatetimeMS`) instead of making every read of the document raise, the change
         # stream's included: `desired` reports such a mood as invalid (docs/bad-input.md).
@@ -113,7 +166,13 @@ class Store:
             unicode_decode_error_handler="surrogateescape",
             datetime_conversion=DatetimeConversion.DATETIME_AUTO,
         )
-        self.db: AsyncDatabase[Doc] = client.get_database(db_name, codec_options=codec)
+        self.db: AsyncDatabase[Doc] = client.get_database(
+            db_name,
+            codec_options=codec,
+            read_preference=ReadPreference.PRIMARY,
+            read_concern=ReadConcern("majority"),
+            write_concern=WriteConcern("majority"),
+        )
         self.names = names
         self.moods: AsyncCollection[Doc] = self.db[names.moods]
         self.users: AsyncCollection[Doc] = self.db[names.users]
@@ -122,6 +181,8 @@ class Store:
         self.state: AsyncCollection[Doc] = self.db[names.state]
         self.sessions: AsyncCollection[Doc] = self.db[names.sessions]
         self.dead_letters: AsyncCollection[Doc] = self.db[names.dead_letters]
+        self.parked: AsyncCollection[Doc] = self.db[names.accounts]
+        self.runs: AsyncCollection[Doc] = self.db[f"{names.prefix}backfill"]
         # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
         self.checkpoint_name = f"checkpoint:{names.moods}"
 
@@ -159,6 +220,11 @@ class Store:
                 found[str(doc["_id"])] = account_from_user(doc)
         return found
 
+    async def user_of_mood(self, mood_id: Any) -> Any:
+        """The `user` field of a mood, read by `_id` (any `_id`, an unusable one included)."""
+        doc = await self.moods.find_one({"_id": mood_id}, {"user": 1})
+        return (doc or {}).get("user")
+
     async def resolve_user(self, who: str) -> str | None:
         """A sub, or `@handle` looked up in the handles collection."""
         if not who.startswith("@"):
@@ -166,22 +232,34 @@ class Store:
         doc = await self.handles.find_one({"handle": who[1:]})
         return str(doc["_id"]) if doc else None
 
-    async def write_back_many(self, rkeys: Mapping[ObjectId, str]) -> None:
+    async def write_back_many(self, rkeys: Mapping[ObjectId, str]) -> dict[ObjectId, str]:
         """`$set atproto.rkey`, never upserting: a deleted document is not resurrected. Only
-        called when the document's rkey differs, so the replicator's own update is rare."""
+        called when the document's rkey differs, so the replicator's own update is rare.
+        Returns the moods whose write-back failed, with the reason (they are dead-lettered)."""
         if not rkeys:
-            return
+            return {}
+        self.fence.check()
         items = list(rkeys.items())
+        failed: dict[ObjectId, str] = {}
         try:
             await self.moods.bulk_write(
                 [UpdateOne({"_id": i}, {"$set": {"atproto.rkey": r}}) for i, r in items],
                 ordered=False,
             )
         except BulkWriteError as exc:
-            # `atproto` holds something that is not an object (bad input): replace it.
             for error in exc.details.get("writeErrors", []):
                 mood_id, rkey = items[error["index"]]
-                await self.moods.update_one({"_id": mood_id}, {"$set": {"atproto": {"rkey": rkey}}})
+                if error.get("code") != 28:  # not "atproto is not an object"
+                    failed[mood_id] = f"write-back of atproto.rkey failed: {error.get('errmsg')}"
+                    continue
+                # `atproto` holds something that is not an object (bad input): replace it.
+                try:
+                    await self.moods.update_one(
+                        {"_id": mood_id}, {"$set": {"atproto": {"rkey": rkey}}}
+                    )
+                except OperationFailure as again:
+                    failed[mood_id] = f"write-back of atproto.rkey failed: {again}"
+        return failed
 
     # -- ledger -----------------------------------------------------------------------------
 
@@ -201,20 +279,34 @@ class Store:
         return {str(d["rkey"]): ObjectId(d["_id"]) async for d in cursor if d.get("did") == did}
 
     async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
+        """Upsert, stamped with this process's lease generation; an entry a newer generation
+        wrote is never overwritten (MongoDB refuses the upsert: `Fenced`)."""
         if not entries:
             return
+        self.fence.check()
         now = time.time()
-        await self.ledger.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": str(e.mood_id)},
-                    {"$set": {**entry_to_doc(e), "updated_at": now}},
-                    upsert=True,
-                )
-                for e in entries
-            ],
-            ordered=False,
-        )
+        generation = self.fence.generation
+        query: dict[str, Any] = {}
+        if generation is not None:
+            query["$or"] = [{"generation": {"$lte": generation}}, {"generation": None}]
+        try:
+            await self.ledger.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": str(e.mood_id), **query},
+                        {"$set": {**entry_to_doc(replace(e, generation=generation)),
+                                  "updated_at": now}},
+                        upsert=True,
+                    )
+                    for e in entries
+                ],
+                ordered=False,
+            )  # fmt: skip
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") == 11000 for e in errors):
+                raise Fenced("a newer lease generation wrote these ledger entries") from None
+            raise
 
     async def ledger_counts(self) -> dict[str, int]:
         cursor = await self.ledger.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
@@ -227,29 +319,130 @@ class Store:
         due = [d["_id"] async for d in cursor if (d.get("retry_at") or 0) <= now]
         return [ObjectId(i) for i in due[:limit]]
 
-    # -- checkpoint ---------------------------------------------------------------------------
+    # -- change streams and checkpoints -------------------------------------------------------
 
-    def _checkpoint_id(self) -> str:
-        return self.checkpoint_name
+    async def watch_moods(
+        self, token: Mapping[str, Any] | None, *, max_await_ms: int, batch_size: int
+    ) -> AsyncChangeStream[Doc]:
+        return await self.moods.watch(
+            [{"$project": MOODS_EVENT}],
+            start_after=dict(token) if token else None,
+            full_document_before_change="whenAvailable",
+            max_await_time_ms=max_await_ms,
+            batch_size=batch_size,
+        )
 
-    async def load_checkpoint(self) -> Doc | None:
-        return await self.state.find_one({"_id": self._checkpoint_id()})
+    async def watch_users(
+        self, token: Mapping[str, Any] | None, *, max_await_ms: int
+    ) -> AsyncChangeStream[Doc]:
+        return await self.users.watch(
+            [{"$project": USERS_EVENT}],
+            start_after=dict(token) if token else None,
+            max_await_time_ms=max_await_ms,
+        )
+
+    def _checkpoint_id(self, stream: str | None = None) -> str:
+        if stream is None:
+            return self.checkpoint_name
+        return self.checkpoint_name.replace(
+            f"checkpoint:{self.names.moods}", f"checkpoint:{stream}"
+        )
+
+    async def load_checkpoint(self, stream: str | None = None) -> Doc | None:
+        """`stream`: None for `moods`, else the name of another collection followed."""
+        return await self.state.find_one({"_id": self._checkpoint_id(stream)})
 
     async def save_checkpoint(
-        self, token: Mapping[str, Any], *, fence: int | None = None, **extra: Any
-    ) -> bool:
-        """With `fence` (the lease generation), refuse to overwrite a newer generation's
-        checkpoint: returns False when refused."""
-        fields = {"token": dict(token), "saved_at": time.time(), **extra}
-        query: dict[str, Any] = {"_id": self._checkpoint_id()}
-        if fence is not None:
-            fields["generation"] = fence
-            query["$or"] = [{"generation": {"$lte": fence}}, {"generation": {"$exists": False}}]
+        self, token: Mapping[str, Any] | None, *, stream: str | None = None, **fields: Any
+    ) -> None:
+        """Stamped with the lease generation; a newer generation's checkpoint is never
+        overwritten (`Fenced`). `token` None keeps the saved token (sets `fields` only)."""
+        self.fence.check()
+        generation = self.fence.generation
+        values = {"saved_at": time.time(), **fields}
+        if token is not None:
+            values["token"] = dict(token)
+        query: dict[str, Any] = {"_id": self._checkpoint_id(stream)}
+        if generation is not None:
+            values["generation"] = generation
+            query["$or"] = [{"generation": {"$lte": generation}}, {"generation": None}]
         try:
-            await self.state.update_one(query, {"$set": fields}, upsert=True)
+            await self.state.update_one(query, {"$set": values}, upsert=True)
         except DuplicateKeyError:
-            return False  # the document exists with a newer generation
-        return True
+            raise Fenced("a newer lease generation owns the checkpoint") from None
+        if token is not None:
+            crashpoints.hit("checkpoint")
+
+    async def clear_checkpoint_marks(self, *names: str) -> None:
+        self.fence.check()
+        await self.state.update_one(
+            {"_id": self._checkpoint_id()}, {"$unset": dict.fromkeys(names, "")}
+        )
+
+    async def moods_exists(self) -> bool:
+        return self.names.moods in await self.db.list_collection_names(
+            filter={"name": self.names.moods}
+        )
+
+    async def users_in_scope(self) -> list[str]:
+        """Every user who has moods, ledger entries, or an ATProto account: a purged user whose
+        records the ledger never knew is still someone to clean up."""
+        found = set(await self.moods.distinct("user")) | set(await self.ledger.distinct("user"))
+        found |= set(await self.users.distinct("_id", {"atproto.did": {"$type": "string"}}))
+        return sorted(u for u in found if isinstance(u, str))
+
+    # -- backfill and recovery runs: resumable, user by user ------------------------------------
+
+    async def load_run(self, name: str) -> Doc | None:
+        return await self.state.find_one({"_id": name})
+
+    async def start_run(self, name: str, run: str, scope: str) -> None:
+        await self.state.update_one(
+            {"_id": name},
+            {"$set": {"run": run, "scope": scope, "started_at": time.time(), "finished": False}},
+            upsert=True,
+        )
+
+    async def finish_run(self, name: str) -> None:
+        await self.state.update_one(
+            {"_id": name}, {"$set": {"finished": True, "finished_at": time.time()}}
+        )
+
+    async def users_done(self, run: str) -> set[str]:
+        return {str(d["_id"]) async for d in self.runs.find({"run": run}, {"_id": 1})}
+
+    async def user_done(self, run: str, sub: str) -> None:
+        await self.runs.update_one(
+            {"_id": sub}, {"$set": {"run": run, "done_at": time.time()}}, upsert=True
+        )
+
+    # -- parked accounts (accounts.AccountStore) -------------------------------------------------
+
+    async def parked_accounts(self) -> list[ParkedAccount]:
+        return [
+            ParkedAccount(
+                str(d["_id"]),
+                str(d.get("sub", "")),
+                d.get("kind", "unavailable"),
+                str(d.get("reason", "")),
+                float(d.get("since", 0.0)),
+                float(d.get("next_check_at", 0.0)),
+                int(d.get("attempts", 0)),
+            )
+            async for d in self.parked.find({})
+        ]
+
+    async def save_parked_account(self, parked: ParkedAccount) -> None:
+        await self.parked.update_one(
+            {"_id": parked.did},
+            {"$set": {"sub": parked.sub, "kind": parked.kind, "reason": parked.reason,
+                      "since": parked.since, "next_check_at": parked.next_check_at,
+                      "attempts": parked.attempts}},
+            upsert=True,
+        )  # fmt: skip
+
+    async def release_account(self, did: str) -> None:
+        await self.parked.delete_one({"_id": did})
 
     # -- sessions (SessionStore) --------------------------------------------------------------
 
@@ -284,6 +477,9 @@ class Store:
             },
             upsert=True,
         )
+
+    async def forget_dead_letter(self, key: str) -> None:
+        await self.dead_letters.delete_one({"_id": key})
 
     async def clear_dead_letters(self, ids: Sequence[ObjectId]) -> None:
         if ids:

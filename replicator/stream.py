@@ -3,7 +3,24 @@
 Modelled on PyMongo's own `change_stream.py` resume logic: the resume token saved is always
 one whose every preceding event has been applied (at-least-once delivery + idempotent apply).
 `try_next()` returns None on an empty batch, which still moves the post-batch resume token
-forward: saving it on a quiet collection keeps the token inside the oplog window.
+forward: saving it (at most once per heartbeat) keeps a quiet collection's token inside the
+oplog window.
+
+A batch ends after `batch_size` events or `max_batch_ms` of reading, whichever comes first,
+so a burst of one user's moods becomes one `applyWrites` while a trickle is applied within a
+quarter of a second.
+
+Positions that cannot be resumed never mean "start from now" silently:
+
+- history lost (286/280/260, when the stream opens or while it is read): a new position is
+  taken first, every user is reconciled against the PDS, then the stream continues from that
+  position. The recovery saves its position and progress, so an interrupted one resumes.
+- the collection dropped or renamed (`invalidate`): the checkpoint is marked and the process
+  exits 4, every time, until an operator restarts it with `--reset-position` (the same
+  recovery from "now"). See docs/runbook.md.
+
+The `users` collection is followed too (its own stream and checkpoint): a user who gets an
+ATProto account, a new DID or a new password is reconciled between batches.
 """
 
 from __future__ import annotations
@@ -21,14 +38,15 @@ from loguru import logger
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from . import crashpoints
 from .apply import Applier
+from .backfill import Backfill
 from .desired import bad_id_reason, valid_user
-from .lease import Lease, LeaseLost
+from .lease import Fenced, Lease, LeaseLost
 from .store import Doc, Store
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
                       260: "InvalidResumeToken"}  # fmt: skip
-IDLE_POLL_SECONDS = 0.05
 _DOC_EVENTS = frozenset({"insert", "update", "replace", "delete"})
 _END_EVENTS = frozenset({"invalidate", "drop", "rename", "dropDatabase"})
 
@@ -36,17 +54,28 @@ OpenStream = Callable[[Mapping[str, Any] | None], Awaitable[AsyncChangeStream[Do
 
 
 class StreamInvalidated(RuntimeError):
-    """The collection was dropped or renamed: the stream cannot go on."""
+    """The collection was dropped or renamed: the stream cannot go on (exit 4)."""
 
 
 class HistoryLost(RuntimeError):
-    """The saved position is no longer in the oplog (or was never valid)."""
+    """The saved position is no longer in the oplog (or was never valid) (exit 3)."""
 
 
-def _first(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+class _Lost(Exception):
+    def __init__(self, exc: OperationFailure) -> None:
+        super().__init__(str(exc))
+        self.code = exc.code or 0
+
+
+def find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in `exc` or, for the concurrent lanes' exception groups, inside it."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := find(inner, kind)) is not None:
+                return found
+    return None
 
 
 def _transient(exc: BaseException) -> bool:
@@ -68,13 +97,30 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
+def _history_lost(exc: BaseException) -> OperationFailure | None:
+    return exc if isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST_CODES else None
+
+
 def cluster_seconds(change: Mapping[str, Any]) -> float | None:
-    value = change.get("clusterTime") or change.get("wallTime")
-    if isinstance(value, Timestamp):
-        return float(value.time)
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    """When the change happened: `wallTime` (milliseconds, MongoDB 6+), else `clusterTime`
+    (whole seconds)."""
+    for value in (change.get("wallTime"), change.get("clusterTime")):
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+        if isinstance(value, Timestamp):
+            return float(value.time)
     return None
+
+
+def _account_changed(change: Mapping[str, Any]) -> bool:
+    """A `users` event that may give a user an account, a new DID or a new password."""
+    op = change.get("operationType")
+    if op in ("insert", "replace"):
+        return True
+    if op != "update":
+        return False
+    fields = [*(change.get("changed") or []), *(change.get("removed") or [])]
+    return any(f == "atproto" or str(f).startswith("atproto.") for f in fields)
 
 
 class Replicator:
@@ -84,206 +130,271 @@ class Replicator:
         applier: Applier,
         *,
         batch_size: int = 2000,
-        max_await_ms: int = 500,
+        max_batch_ms: int = 250,
+        max_await_ms: int | None = None,
         heartbeat_seconds: float = 5.0,
         parked_retry_seconds: float = 60.0,
         on_history_lost: Literal["reconcile", "fail"] = "reconcile",
+        reset_position: bool = False,
+        follow_users: bool = True,
         open_stream: OpenStream | None = None,
         on_batch: Callable[[int, float | None], None] | None = None,
         lease: Lease | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lease = lease
         self.store = store
         self.applier = applier
         self.batch_size = batch_size
-        self.max_await_ms = max_await_ms
+        self.max_batch_ms = max_batch_ms
+        # A getMore waits at most this long for changes: it also bounds how long a batch that
+        # has started can wait for more (so `max_batch_ms` holds for a trickle).
+        self.max_await_ms = max_await_ms if max_await_ms is not None else max_batch_ms
         self.heartbeat_seconds = heartbeat_seconds
         self.parked_retry_seconds = parked_retry_seconds
         self.on_history_lost = on_history_lost
+        self.reset_position = reset_position
+        self.follow_users = follow_users
         self._open_stream = open_stream or self._watch
         self._on_batch = on_batch
+        self._clock = clock
         self.events_applied = 0
         self.last_event_at: float | None = None
+        self.oldest_unapplied_at: float | None = None  # cluster time of the batch in flight
         self.stream_open = False
         self.last_checkpoint_at: float | None = None
-        self.idle = False  # the last read found nothing waiting: caught up (lag 0)
+        self.checkpoints_saved = 0
         self._saved_token: Mapping[str, Any] | None = None
+        self._users_due: dict[str, None] = {}
+        self._users_token: Mapping[str, Any] | None = None
+        self._users_saved: Mapping[str, Any] | None = None
+        self._users_saved_at: float | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Caught up: nothing read and not yet applied (lag 0)."""
+        return self.oldest_unapplied_at is None
 
     async def _watch(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
-        return await self.store.moods.watch(
-            full_document="updateLookup",
-            start_after=dict(token) if token else None,
-            max_await_time_ms=self.max_await_ms,
-            batch_size=self.batch_size,
+        return await self.store.watch_moods(
+            token, max_await_ms=self.max_await_ms, batch_size=self.batch_size
         )
 
+    # -- the lease -----------------------------------------------------------------------------
+
     async def run(self, stop: anyio.Event) -> None:
-        """Until `stop` is set; waits for the lease first when there is one."""
-        if self.lease is not None and not await self._acquire(stop):
+        """Until `stop` is set; waits for the lease first when there is one. A process that
+        can no longer prove it holds the lease abandons the batch in flight (it is replayed by
+        whoever holds it) and waits for the lease again; one whose lease was taken over
+        raises `LeaseLost`."""
+        if self.lease is None:
+            await self._run_stream(stop)
             return
-        lost = False
+        while not stop.is_set():
+            try:
+                async with self.lease.kept(stop) as acquired:
+                    if acquired:
+                        await self._run_stream(stop)
+                return
+            except Exception as exc:
+                fenced = find(exc, Fenced)
+                if fenced is None:
+                    raise
+                if isinstance(fenced, LeaseLost):
+                    raise fenced from None
+                logger.warning("{}: the batch in flight is abandoned; waiting for the lease "
+                               "again", fenced)  # fmt: skip
+            finally:
+                self.stream_open = False
+
+    # -- positions -----------------------------------------------------------------------------
+
+    async def _run_stream(self, stop: anyio.Event) -> None:
+        """Reconnects on connection errors, from the last checkpoint."""
+        self._users_due.clear()
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
-            if self.lease is not None:
-
-                async def keep_lease() -> None:
-                    nonlocal lost
-                    assert self.lease is not None
-                    while True:
-                        await anyio.sleep(self.lease.ttl / 3)
-                        try:
-                            await self.lease.renew()
-                        except LeaseLost:
-                            lost = True
-                            tg.cancel_scope.cancel()
-                            return
-                        except PyMongoError as exc:  # Mongo down: the stream will notice too
-                            logger.warning("lease renewal failed: {}", exc)
-
-                tg.start_soon(keep_lease)
+            if self.follow_users:
+                tg.start_soon(self._follow_users, stop)
             try:
-                await self._run_stream(stop)
-            except LeaseLost:
-                lost = True
+                await self._moods(stop)
             except Exception as exc:  # re-raised below, outside the group, unwrapped
                 error = exc
             finally:
                 tg.cancel_scope.cancel()
         if error is not None:
             raise error
-        if lost:
-            logger.critical("the lease was taken over by another process; stopping")
-            raise LeaseLost("another replicator took over")
-        if self.lease is not None:
-            with contextlib.suppress(PyMongoError):
-                await self.lease.release()
 
-    async def _acquire(self, stop: anyio.Event) -> bool:
-        assert self.lease is not None
-        said = False
+    async def _moods(self, stop: anyio.Event) -> None:
+        delay = 0.5
+        first = True
         while not stop.is_set():
             try:
-                if await self.lease.try_acquire():
-                    logger.info("lease acquired (generation {})", self.lease.generation)
-                    return True
-            except ConnectionFailure as exc:
-                logger.warning("MongoDB unreachable while acquiring the lease: {}", exc)
-            if not said:
-                holder = await self.lease.holder() or {}
-                logger.warning(
-                    "another replicator holds the lease ({}); waiting to take over",
-                    holder.get("owner", "?"),
-                )
-                said = True
-            with anyio.move_on_after(max(0.2, self.lease.ttl / 3)):
-                await stop.wait()
-        return False
+                stream = await self._position(first)
+                first = False
+                try:
+                    delay = 0.5
+                    self.stream_open = True
+                    await self._pump(stream, stop)
+                finally:
+                    self.stream_open = False
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(5),
+                        contextlib.suppress(PyMongoError),
+                    ):
+                        await stream.close()
+            except _Lost as lost:
+                await self._lost(lost.code)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                logger.warning("MongoDB unavailable ({}); resuming from the last checkpoint "
+                               "in {:.1f}s", find(exc, PyMongoError) or exc, delay)  # fmt: skip
+                with anyio.move_on_after(delay):
+                    await stop.wait()
+                delay = min(delay * 2, 10.0)
 
-    async def _run_stream(self, stop: anyio.Event) -> None:
-        """Reconnects on connection errors, from the last checkpoint."""
-        checkpoint = await self.store.load_checkpoint()
-        self._saved_token = checkpoint["token"] if checkpoint else None
-        if self._saved_token is None:
+    async def _position(self, first: bool) -> AsyncChangeStream[Doc]:
+        """The stream to read, from the checkpoint; recovers first where it must."""
+        checkpoint = await self.store.load_checkpoint() or {}
+        if checkpoint.get("recovery"):
+            return await self._recover(checkpoint["recovery"])
+        if first and self.reset_position:
+            if not await self.store.moods_exists():
+                raise StreamInvalidated(
+                    f"--reset-position: the collection {self.store.names.moods!r} does not "
+                    "exist; restore or create it first (every record would be deleted)"
+                )
+            logger.warning("--reset-position: starting at the current position and "
+                           "reconciling every user")  # fmt: skip
+            return await self._recover(None, kind="reset")
+        if checkpoint.get("invalidated"):
+            raise StreamInvalidated(
+                f"the change stream on {self.store.names.moods!r} ended with "
+                f"{checkpoint['invalidated']!r} (the collection was dropped or renamed). Check "
+                "the collection, then restart with `replicator run --reset-position`"
+            )
+        token = checkpoint.get("token")
+        self._saved_token = token
+        if token is None:
             logger.info(
                 "no checkpoint for {}: starting at the current position; "
                 "run `replicator backfill` to mirror the moods that exist already",
                 self.store.names.moods,
             )
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                stream = await self._open(self._saved_token)
-                try:
-                    delay = 0.5
-                    await self._pump(stream, stop)
-                finally:
-                    self.stream_open = False
-                    with contextlib.suppress(PyMongoError):
-                        await stream.close()
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                logger.warning("MongoDB unavailable ({}); resuming from the last checkpoint "
-                               "in {:.1f}s", _first(exc), delay)  # fmt: skip
-                with anyio.move_on_after(delay):
-                    await stop.wait()
-                delay = min(delay * 2, 10.0)
-
-    async def _open(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
         try:
             stream = await self._open_stream(token)
-            if token is None:
-                await self._checkpoint(stream.resume_token, force=True)
-            self.stream_open = True
-            return stream
         except OperationFailure as exc:
-            if exc.code not in HISTORY_LOST_CODES:
+            if _history_lost(exc) is None:
                 raise
-            return await self._recover(exc)
+            await self._lost(exc.code or 0)
+            return await self._position(first=False)
+        if token is None:
+            await self._checkpoint(_position_of(stream), force=True)
+        return stream
 
-    async def _recover(self, exc: OperationFailure) -> AsyncChangeStream[Doc]:
-        cause = HISTORY_LOST_CODES.get(exc.code or 0, str(exc.code))
+    async def _lost(self, code: int) -> None:
+        cause = HISTORY_LOST_CODES.get(code, str(code))
         if self.on_history_lost == "fail":
             logger.critical(
                 "change stream history lost ({} {}): the saved resume token cannot be used. "
                 "Exiting (--on-history-lost=fail). Recover with `replicator run "
                 "--on-history-lost=reconcile` or `replicator backfill` + `audit --fix`.",
-                exc.code, cause,
+                code, cause,
             )  # fmt: skip
-            raise HistoryLost(f"{cause} (code {exc.code})") from None
+            raise HistoryLost(f"{cause} (code {code})")
         logger.critical(
             "change stream history lost ({} {}): events since the last checkpoint are gone. "
-            "Recovery: opening a new stream position first, reconciling every mood against the "
-            "ledger and the PDS, then continuing from that position.",
-            exc.code, cause,
+            "Recovery: a new stream position first, every user reconciled against the ledger "
+            "and the PDS, then the stream continues from that position.",
+            code, cause,
         )  # fmt: skip
         stream = await self._open_stream(None)
-        position = stream.resume_token
-        subs = set(await self.store.moods.distinct("user")) | set(
-            await self.store.ledger.distinct("user")
-        )
-        users = sorted(s for s in subs if valid_user(s))
-        for user in users:
-            await self.applier.reconcile_user(user, fix=True)
-        await self._checkpoint(position, force=True)
-        logger.warning("history-loss recovery done: {} users reconciled", len(users))
-        self.stream_open = True
+        try:
+            token = _position_of(stream)
+        finally:
+            await stream.close()
+        recovery = {"token": token, "kind": "history-lost", "started_at": time.time()}
+        await self.store.save_checkpoint(None, recovery=recovery)
+
+    async def _recover(
+        self, recovery: Mapping[str, Any] | None, *, kind: str = "history-lost"
+    ) -> AsyncChangeStream[Doc]:
+        """Reconcile every user, then continue from the position taken before the first of
+        them. Progress is saved per user: an interrupted recovery resumes where it stopped."""
+        if recovery is None:
+            stream = await self._open_stream(None)
+            token = _position_of(stream)
+            recovery = {"token": token, "kind": kind, "started_at": time.time()}
+            await self.store.save_checkpoint(None, recovery=recovery)
+        else:
+            try:
+                stream = await self._open_stream(recovery["token"])
+            except OperationFailure as exc:
+                if _history_lost(exc) is None:
+                    raise
+                logger.critical("the recovery's own position is gone too: starting it again")
+                return await self._recover(None, kind=recovery["kind"])
+        run = f"recovery:{self.store.names.moods}:{recovery['started_at']}"
+        users = [u for u in await self.store.users_in_scope() if valid_user(u)]
+        backfill = Backfill(self.applier, fix=True, name=run, on_progress=_recovery_progress)
+        report = await backfill.run(users, scope="every user")
+        await self.store.save_checkpoint(recovery["token"])
+        await self.store.clear_checkpoint_marks("recovery", "invalidated")
+        self._saved_token = recovery["token"]
+        self.last_checkpoint_at = self._clock()
+        logger.warning(
+            "{} recovery done: {} users reconciled ({} before an interruption)",
+            recovery["kind"], report.users, report.skipped_users_done_before,
+        )  # fmt: skip
         return stream
 
+    # -- reading -------------------------------------------------------------------------------
+
     async def _pump(self, stream: AsyncChangeStream[Doc], stop: anyio.Event) -> None:
-        next_parked = time.monotonic() + self.parked_retry_seconds
+        next_parked = self._clock() + self.parked_retry_seconds
         while not stop.is_set():
-            started = time.monotonic()
-            batch: list[Doc] = []
-            while len(batch) < self.batch_size and not stop.is_set():
-                change = await stream.try_next()
-                if change is None:
-                    break
-                batch.append(change)
-            self.idle = not batch
+            batch = await self._read(stream, stop)
             if batch:
                 await self._apply_batch(stream, batch)
             else:
                 await self._checkpoint(stream.resume_token)
-                if time.monotonic() - started < self.max_await_ms / 4000:
-                    # The server answered an empty batch at once instead of waiting for
-                    # changes: poll gently rather than spin (every wait here is added lag).
-                    with anyio.move_on_after(IDLE_POLL_SECONDS):
-                        await stop.wait()
             if not stream.alive:
                 # The server dropped the cursor without an invalidate (a restart that forgot
                 # it, say): reopen from the checkpoint rather than stall on a closed stream.
                 logger.warning("the change stream closed unexpectedly; reopening it from the "
                                "last checkpoint")  # fmt: skip
-                with anyio.move_on_after(0.5):
-                    await stop.wait()
                 return
-            if time.monotonic() >= next_parked:
-                next_parked = time.monotonic() + self.parked_retry_seconds
-                await self.applier.retry_parked()
+            await self._reconcile_users()
+            retry = self._clock() >= next_parked
+            if retry:
+                next_parked = self._clock() + self.parked_retry_seconds
+            await self.applier.maintain(retry_parked=retry)
+
+    async def _read(self, stream: AsyncChangeStream[Doc], stop: anyio.Event) -> list[Doc]:
+        batch: list[Doc] = []
+        started = 0.0
+        while len(batch) < self.batch_size and not stop.is_set():
+            try:
+                change = await stream.try_next()
+            except OperationFailure as exc:
+                if _history_lost(exc) is None:
+                    raise
+                raise _Lost(exc) from None  # after PyMongo's own resume: the position is gone
+            if change is None:
+                break
+            if not batch:
+                started = self._clock()
+                self.oldest_unapplied_at = cluster_seconds(change) or time.time()
+            batch.append(change)
+            if self._clock() - started >= self.max_batch_ms / 1000:
+                break
+        return batch
 
     async def _apply_batch(self, stream: AsyncChangeStream[Doc], batch: list[Doc]) -> None:
         ids: list[ObjectId] = []
+        owners: dict[ObjectId, str] = {}
         end: Doc | None = None
         applied_upto: Mapping[str, Any] | None = None
         for change in batch:
@@ -297,15 +408,18 @@ class Replicator:
             mood_id = (change.get("documentKey") or {}).get("_id")
             if isinstance(mood_id, ObjectId):
                 ids.append(mood_id)
+                before = valid_user((change.get("fullDocumentBeforeChange") or {}).get("user"))
+                if op == "delete" and before is not None:
+                    owners[mood_id] = before
             elif op == "delete":  # never mirrorable, now gone: nothing left to report
-                await self.store.dead_letters.delete_one({"_id": repr(mood_id)})
+                await self.store.forget_dead_letter(repr(mood_id))
             else:
                 reason = bad_id_reason(mood_id)
-                user = valid_user((change.get("fullDocument") or {}).get("user"))
+                user = valid_user(await self.store.user_of_mood(mood_id))
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
                 await self.store.dead_letter(mood_id, user, None, reason)
         if ids:
-            await self.applier.apply_ids(ids)
+            await self.applier.apply_ids(ids, owners)
         self.events_applied += len(batch) if end is None else batch.index(end)
         seconds = [s for s in map(cluster_seconds, batch) if s is not None]
         if seconds:
@@ -315,29 +429,111 @@ class Replicator:
         if end is not None:
             if applied_upto is not None:
                 await self._checkpoint(applied_upto, force=True)
+            what = end.get("operationType")
+            if what == "invalidate":
+                what = "drop or rename"
+            await self.store.save_checkpoint(None, invalidated=what)
             raise StreamInvalidated(
-                f"the change stream on {self.store.names.moods!r} ended with "
-                f"{end.get('operationType')!r}: the collection was dropped or renamed"
+                f"the change stream on {self.store.names.moods!r} ended with {what!r}: the "
+                "collection was dropped or renamed. Check it, then restart with "
+                "`replicator run --reset-position`"
             )
         await self._checkpoint(stream.resume_token, force=True)
+        self.oldest_unapplied_at = None
 
     async def _checkpoint(self, token: Mapping[str, Any] | None, *, force: bool = False) -> None:
+        """After a batch (`force`), or at most once per heartbeat on a quiet collection: a
+        server whose post-batch token moves with every getMore must not cost a write each."""
         if token is None:
             return
-        now = time.monotonic()
-        fresh = self.last_checkpoint_at is not None and (
-            now - self.last_checkpoint_at < self.heartbeat_seconds
-        )
-        if not force and token == self._saved_token and fresh:
+        now = self._clock()
+        if not force and (
+            token == self._saved_token
+            or (
+                self.last_checkpoint_at is not None
+                and now - self.last_checkpoint_at < self.heartbeat_seconds
+            )
+        ):
             return
         extra: dict[str, Any] = {"events_applied": self.events_applied}
         if self.last_event_at is not None and math.isfinite(self.last_event_at):
             extra["last_event_at"] = self.last_event_at
-        fence = self.lease.generation if self.lease is not None else None
-        if not await self.store.save_checkpoint(token, fence=fence, **extra):
-            raise LeaseLost("a newer lease generation owns the checkpoint")
+        await self.store.save_checkpoint(token, **extra)
         self._saved_token = dict(token)
         self.last_checkpoint_at = now
+        self.checkpoints_saved += 1
+
+    # -- the users collection ------------------------------------------------------------------
+
+    async def _follow_users(self, stop: anyio.Event) -> None:
+        """Notes users whose account may have changed; the moods loop reconciles them between
+        batches (never beside a lane of the same user) and then saves this stream's token."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                saved = await self.store.load_checkpoint("users")
+                token = (saved or {}).get("token")
+                try:
+                    stream = await self.store.watch_users(token, max_await_ms=self.max_await_ms)
+                except OperationFailure as exc:
+                    if _history_lost(exc) is None:
+                        raise
+                    logger.warning("users change stream history lost: reconciling every "
+                                   "user with an account")  # fmt: skip
+                    for sub in await self.store.users_in_scope():
+                        self._users_due[sub] = None
+                    stream = await self.store.watch_users(None, max_await_ms=self.max_await_ms)
+                    token = None
+                if token is None:
+                    self._users_token = _position_of(stream)
+                try:
+                    while not stop.is_set():
+                        change = await stream.try_next()
+                        if change is not None and _account_changed(change):
+                            user = (change.get("documentKey") or {}).get("_id")
+                            if isinstance(user, str):
+                                self._users_due[user] = None
+                        self._users_token = stream.resume_token or self._users_token
+                finally:
+                    await stream.close()
+            except Exception as exc:
+                if not _transient(exc) and _history_lost(exc) is None:
+                    raise
+                logger.warning("users change stream interrupted ({}); reopening", exc)
+                with anyio.move_on_after(delay):
+                    await stop.wait()
+                delay = min(delay * 2, 10.0)
+
+    async def _reconcile_users(self) -> None:
+        token, due = self._users_token, list(self._users_due)
+        if token is None:
+            return
+        for sub in due:
+            self._users_due.pop(sub, None)
+            logger.info("the account of {} changed: reconciling", sub)
+            await self.applier.reconcile_user(sub)
+        now = self._clock()
+        if due or (
+            token != self._users_saved
+            and (
+                self._users_saved_at is None or now - self._users_saved_at >= self.heartbeat_seconds
+            )
+        ):
+            await self.store.save_checkpoint(token, stream="users")
+            self._users_saved, self._users_saved_at = dict(token), now
+
+
+def _position_of(stream: AsyncChangeStream[Doc]) -> Mapping[str, Any]:
+    """Where a stream just opened at "now" stands (MongoDB 4.0.7+ answers it with the first
+    reply: the post-batch resume token)."""
+    token = stream.resume_token
+    if token is None:
+        raise RuntimeError("the server opened a change stream without a resume token")
+    return token
+
+
+def _recovery_progress(_: Any) -> None:
+    crashpoints.hit("recovery")
 
 
 __all__ = ["HistoryLost", "PyMongoError", "Replicator", "StreamInvalidated"]

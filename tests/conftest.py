@@ -17,6 +17,7 @@ import pytest
 from replicator.config import Settings
 from replicator.devstack.seed import SeededUser, seed_user
 from replicator.devstack.stack import LocalStack
+from replicator.identity import PUBLIC_PLC
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store, connect
 
@@ -43,8 +44,10 @@ def settings(stack: LocalStack) -> Settings:
         db_name=f"t_{secrets.token_hex(6)}",
         pds_url=stack.pds_url,
         heartbeat_seconds=0.2,
-        max_await_ms=200,
+        max_batch_ms=200,
         parked_retry_seconds=2.0,
+        plc_url=stack.plc_url or PUBLIC_PLC,
+        account_recheck_seconds=1.0,
     )
 
 
@@ -91,6 +94,8 @@ def env_for(settings: Settings, **extra: Any) -> dict[str, str]:
         REPLICATOR_USERS_COLLECTION=settings.names.users,
         REPLICATOR_HANDLES_COLLECTION=settings.names.handles,
         REPLICATOR_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
+        REPLICATOR_PLC_URL=settings.plc_url,
+        REPLICATOR_ACCOUNT_RECHECK_SECONDS=str(settings.account_recheck_seconds),
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env

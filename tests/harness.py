@@ -37,7 +37,7 @@ def make_replicator(rt: Runtime, open_stream: OpenStream | None = None, **kw: An
         rt.store,
         rt.applier,
         batch_size=kw.pop("batch_size", s.batch_size),
-        max_await_ms=s.max_await_ms,
+        max_batch_ms=s.max_batch_ms,
         heartbeat_seconds=s.heartbeat_seconds,
         parked_retry_seconds=s.parked_retry_seconds,
         open_stream=open_stream,

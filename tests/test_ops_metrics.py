@@ -47,7 +47,7 @@ async def serving(
 ) -> AsyncIterator[tuple[Runtime, Replicator, str, anyio.Event]]:
     """A runtime, its replicator (not started) and the monitor + HTTP server on a free port."""
     settings = replace(settings, http_addr="127.0.0.1:0", **changes)
-    async with open_runtime(settings) as rt, anyio.create_task_group() as tg:
+    async with open_runtime(settings, lease=True) as rt, anyio.create_task_group() as tg:
         replicator = rt.replicator()
         server = await tg.start(functools.partial(health.serve, interval=0.2), rt, replicator)
         assert server is not None
@@ -135,11 +135,15 @@ async def test_health_ready_metrics_and_status_follow_the_replicator(
             assert value((await get(f"{url}/metrics")).text, "replicator_lag_seconds") == 0
 
             # `status` sees the live process through the stats it flushes.
-            async def flushed() -> bool:
+            async def flushed() -> bool:  # a flush made once caught up: lag 0
                 report = await gather(rt.store, settings.pds_url)
-                return bool(report["launch"]["synced"] >= 1 and report["replicator"])
+                return bool(
+                    report["launch"]["synced"] >= 1
+                    and report["replicator"]
+                    and report["lag_seconds"] == 0
+                )
 
-            await eventually(flushed, 10, "stats flushed")
+            await eventually(flushed, 25, "stats flushed")
             report = await gather(rt.store, settings.pds_url)
             assert report["replicator"]["fresh"] is True
             assert report["replicator"]["stream_open"] is True

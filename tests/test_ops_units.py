@@ -138,15 +138,16 @@ def test_allowlist_entries_from_flags_and_the_environment() -> None:
 
 
 def test_monitor_lag_is_zero_when_caught_up_and_grows_when_behind() -> None:
+    """Lag is measured from the oldest change read and not yet applied."""
     replicator = SimpleNamespace(
-        last_event_at=None, idle=False, last_checkpoint_at=None, stream_open=True
+        oldest_unapplied_at=None, last_checkpoint_at=None, stream_open=True
     )
     settings = SimpleNamespace(heartbeat_seconds=5.0, dry_run=False)
     monitor = health.Monitor(SimpleNamespace(settings=settings), replicator)  # type: ignore[arg-type]
     assert monitor.lag() == 0.0
-    replicator.last_event_at = time.time() - 90
+    replicator.oldest_unapplied_at = time.time() - 90
     assert 89 < monitor.lag() < 100
-    replicator.idle = True
+    replicator.oldest_unapplied_at = None  # the batch applied: caught up
     assert monitor.lag() == 0.0
     assert monitor.checkpoint_max_age == 60.0
     replicator.last_checkpoint_at = time.monotonic() - 61

@@ -147,7 +147,9 @@ def test_nuke_deletes_at_the_ledger_rkey_and_keeps_it() -> None:
     live = want(make_doc(oid(1)))
     nuked = want(make_doc(oid(1), deleted=True))
     p = plan(nuked, present(live, rkey))
-    assert p.writes == [Write("delete", ACCOUNT.did, rkey, oid(1), exists=True, why="not desired")]
+    assert p.writes == [
+        Write("delete", ACCOUNT.did, rkey, oid(1), exists=True, why="not desired", cid="bafycid")
+    ]
     assert p.entry.state is State.ABSENT
     assert p.entry.rkey == rkey
     assert p.entry.did == ACCOUNT.did

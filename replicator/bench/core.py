@@ -49,7 +49,7 @@ class NullWriter(RepoWriter):
     calls = 0
     writes = 0
 
-    async def apply(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
+    async def send(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
         self.calls += 1
         self.writes += len(writes)
         return {w.rkey: FAKE_CID if w.action == "put" else None for w in writes}
@@ -70,7 +70,7 @@ async def core_mongo(ctx: Ctx) -> dict[str, Any]:
             writer = NullWriter(rt.sessions)
             applier = Applier(rt.store, writer, concurrency=settings.concurrency)
             replicator = Replicator(rt.store, applier, batch_size=settings.batch_size,
-                                    max_await_ms=settings.max_await_ms)  # fmt: skip
+                                    max_batch_ms=settings.max_batch_ms)  # fmt: skip
             stop = anyio.Event()
             meter = ctx.meter()
             profiler = _profiler(ctx.profile_dir)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import DEFAULT_DB, Settings
+from ..identity import PUBLIC_PLC
 from ..store import Names
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,6 +29,9 @@ def connection_options(fn: F) -> F:
                      show_envvar=True, default="users", show_default=True),
         click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
                      show_envvar=True, default="@handles", show_default=True),
+        click.option("--plc-url", envvar="REPLICATOR_PLC_URL", show_envvar=True,
+                     default=PUBLIC_PLC, show_default=True,
+                     help="PLC directory that resolves did:plc to each account's PDS."),
         click.option("--concurrency", envvar="REPLICATOR_CONCURRENCY", show_envvar=True,
                      type=click.IntRange(1, 256), default=8, show_default=True,
                      help="Users whose writes are applied in parallel."),
@@ -49,5 +53,6 @@ def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
         pds_url=kw["pds_url"],
         names=names,
         concurrency=kw["concurrency"],
+        plc_url=kw["plc_url"],
         **extra,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import click
 
+from replicator.errors import Rejected, TokenRejected
 from replicator.lexicon import (
     LEXICON_DIR,
     LexiconError,
@@ -327,9 +328,7 @@ async def publish_lexicons(
         session = await pds.retrying(
             lambda: pds.xrpc(SCHEMA_LOGIN, body={"identifier": identifier, "password": password})
         )
-    except XrpcError as exc:
-        if exc.transient:
-            raise
+    except (TokenRejected, Rejected) as exc:
         raise _LoginFailed(f"login as {identifier} refused: {exc.error or exc.status}") from None
     did, token = str(session["did"]), str(session["accessJwt"])
     results = []

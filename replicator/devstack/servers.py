@@ -126,6 +126,10 @@ class LocalPDS:
     def url(self) -> str:
         return f"http://localhost:{self.port}"
 
+    @property
+    def plc_url(self) -> str:
+        return f"http://localhost:{self.plc_port}"
+
     admin_password = LOCAL_PDS_ADMIN_PASSWORD
 
     def start(self) -> LocalPDS:

@@ -22,6 +22,7 @@ class LocalStack:
     mongodb_uri: str | None = None
     pds_url: str | None = None
     pds_admin_password: str | None = None
+    plc_url: str | None = None
     state: Path = field(default_factory=state_dir)
     mongo: EmbeddedMongo | None = field(default=None, init=False)
     pds: LocalPDS | None = field(default=None, init=False)
@@ -34,6 +35,7 @@ class LocalStack:
             mongodb_uri=mongo or None,
             pds_url=os.environ.get(f"{prefix}PDS_URL") or None,
             pds_admin_password=os.environ.get("PDS_ADMIN_PASSWORD") or None,
+            plc_url=os.environ.get(f"{prefix}PLC_URL" if prefix else "REPLICATOR_PLC_URL") or None,
             state=state or state_dir(),
         )
 
@@ -47,6 +49,7 @@ class LocalStack:
                 self.pds = LocalPDS(self.state / "logs").start()
                 self.pds_url = self.pds.url
                 self.pds_admin_password = self.pds.admin_password
+                self.plc_url = self.pds.plc_url
         except BaseException:
             self.stop()
             raise
