@@ -211,3 +211,50 @@ def test_is_record_key_rejects(value: object) -> None:
 @pytest.mark.parametrize("value", ["abc\n", "a" * 512 + "\n"])
 def test_is_record_key_rejects_trailing_newline(value: str) -> None:
     assert not tid.is_record_key(value)
+
+
+# -- record keys the PDS refuses ----------------------------------------------------------------
+
+
+def _planted(rng: random.Random) -> str:
+    """A random TID with one of the refused shapes written into it somewhere."""
+    word = rng.choice(["n", "m"]) + rng.choice("4ailoe") + rng.choice(["gg", "gq", "qq", "ga"])
+    word += rng.choice(["l3t", "let", "3r", "er", "ar", "lt"]) + rng.choice(["", "s"])
+    body = [rng.choice(tid._ALPHABET) for _ in range(13)]
+    start = rng.randrange(1, 13 - len(word) + 1)
+    body[start : start + len(word)] = word
+    return "".join(body[:13])
+
+
+def test_refused_keys_agree_with_the_reference_pds() -> None:
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from replicator.devstack import node
+
+    if not node.pds_installed():
+        node.ensure_pds_installed()
+    rng = random.Random(11)
+    keys = [_planted(rng) for _ in range(3000)]
+    keys += [tid.encode(rng.getrandbits(64) >> 1) for _ in range(3000)]
+    keys += ["3n3nenigg3ro2", "3n3nenillq62v"]  # seen: a derived key the PDS refused
+    script = Path(__file__).parent / "js" / "record_keys.mjs"
+    out = subprocess.run(
+        [str(node.node_binary()), str(script), str(node.NODE_MODULES)],
+        input=json.dumps(keys), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    theirs = json.loads(out.stdout)
+    ours = [tid.refused_by_pds(k) for k in keys]
+    assert ours == theirs, [k for k, a, b in zip(keys, ours, theirs, strict=True) if a != b][:10]
+    assert sum(theirs) > 500  # the planted shapes do hit the filter
+
+
+def test_derived_keys_step_past_keys_the_pds_refuses() -> None:
+    mood = ObjectId("6b0f54399a785f2822353744")  # its first derivation is refused
+    assert tid.refused_by_pds(tid._derive(mood, 0))
+    first, second = tid.from_object_id(mood), tid.from_object_id(mood, 1)
+    assert first == tid._derive(mood, 1) and second == tid._derive(mood, 2)
+    assert not tid.refused_by_pds(first) and not tid.refused_by_pds(second)
+    assert tid.timestamp_seconds(first) == int.from_bytes(mood.binary[:4], "big")
