@@ -200,11 +200,12 @@ class Lease(Fence):
                 error = exc
             finally:
                 tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
         if self.taken_over:
             raise LeaseLost(f"lease {self.name!r} was taken over")
-        try:
-            await self.release()
-        except PyMongoError as exc:
-            logger.warning("could not release the lease (it expires by itself): {}", exc)
+        if not isinstance(error, Fenced):  # a fenced process cannot know it still holds it
+            try:
+                await self.release()
+            except PyMongoError as exc:
+                logger.warning("could not release the lease (it expires by itself): {}", exc)
+        if error is not None:
+            raise error

@@ -188,8 +188,11 @@ class Store:
 
     async def ensure_indexes(self) -> None:
         """The ledger's own, and `moods.user`: the backfill, the audit and the purge sweep read
-        a user's moods, as the app does (a no-op where the app's index already exists)."""
-        await self.moods.create_index("user")
+        a user's moods, as the app does (a no-op where the app's index already exists). Never
+        on a `moods` that does not exist: creating the index would create an empty collection
+        where one was dropped or renamed away."""
+        if await self.moods_exists():
+            await self.moods.create_index("user")
         await self.ledger.create_index("user")
         await self.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
         await self.ledger.create_index("state")

@@ -10,16 +10,14 @@ import anyio
 import httpx
 import pytest
 from bson import ObjectId
-from pymongo.errors import OperationFailure
 
 from replicator.devstack.seed import insert_mood
 from replicator.model import State
 from replicator.runtime import Runtime
 from replicator.store import Store
-from replicator.stream import HistoryLost, StreamInvalidated
 
 from .conftest import Users
-from .harness import clean, diff, eventually, latest_rev, make_replicator, records, running
+from .harness import clean, diff, eventually, latest_rev, records, running
 
 pytestmark = pytest.mark.anyio
 WHEN = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
@@ -195,87 +193,7 @@ async def test_quiet_collection_token_still_saved_and_nothing_replayed(
     assert sum(rt.pds.requests.values()) == calls
 
 
-async def test_history_lost_reconciles_everything_then_continues(rt: Runtime, users: Users) -> None:
-    user = await users.make()
-    kept = await insert_mood(rt.store, user.sub, "kept", when=WHEN)
-    gone = await insert_mood(rt.store, user.sub, "gone", when=WHEN)
-    async with running(rt):
-        await rt.applier.apply_ids([kept, gone])
-    # While the replicator is down, history it would need is lost.
-    await rt.store.moods.delete_one({"_id": gone})
-    added = await insert_mood(rt.store, user.sub, "added during the gap", when=WHEN)
-    injected = InjectOnce(rt, code=286)
-    async with running(rt, open_stream=injected):
-        await eventually(lambda: _has_records(rt, user.did, 2), what="reconciled")
-        after = await insert_mood(rt.store, user.sub, "after recovery", when=WHEN)
-        await eventually(lambda: _has_records(rt, user.did, 3), what="stream continues")
-    assert injected.raised
-    have = {v["ref"] for v in (await records(rt.settings.pds_url, user.did)).values()}
-    assert have == {str(kept), str(added), str(after)}
-
-
-async def test_history_lost_with_fail_policy_exits(rt: Runtime, users: Users) -> None:
-    await rt.store.save_checkpoint({"_data": "stale"})
-    replicator = make_replicator(rt, InjectOnce(rt, code=260), on_history_lost="fail")
-    with pytest.raises(HistoryLost, match="InvalidResumeToken"):
-        await replicator.run(anyio.Event())
-
-
-async def test_invalidate_stops_with_a_clear_error(rt: Runtime, users: Users) -> None:
-    user = await users.make()
-
-    async def open_stream(token: Mapping[str, Any] | None) -> Any:
-        return InvalidatingStream(await rt.store.moods.watch(start_after=token))
-
-    replicator = make_replicator(rt, open_stream)
-    await insert_mood(rt.store, user.sub, "before the drop", when=WHEN)
-    with pytest.raises(StreamInvalidated, match="dropped or renamed"):
-        with anyio.fail_after(20):
-            await replicator.run(anyio.Event())
-
-
 # -- helpers ----------------------------------------------------------------------------------
-
-
-class InjectOnce:
-    """Opens the real stream, except the first time a saved token is used: fails like MongoDB
-    does when that token's history is gone (286/280) or the token is invalid (260)."""
-
-    def __init__(self, rt: Runtime, code: int) -> None:
-        self.rt, self.code, self.raised = rt, code, False
-
-    async def __call__(self, token: Mapping[str, Any] | None) -> Any:
-        if token is not None and not self.raised:
-            self.raised = True
-            raise OperationFailure("injected", code=self.code)
-        return await self.rt.store.moods.watch(
-            full_document="updateLookup", start_after=token, max_await_time_ms=200
-        )
-
-
-class InvalidatingStream:
-    """The real stream, followed by the `invalidate` a real server sends after a drop."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream, self.sent = stream, False
-
-    @property
-    def resume_token(self) -> Any:
-        return self.stream.resume_token
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.stream.alive)
-
-    async def try_next(self) -> Any:
-        change = await self.stream.try_next()
-        if change is None and not self.sent:
-            self.sent = True
-            return {"operationType": "invalidate", "_id": self.stream.resume_token}
-        return change
-
-    async def close(self) -> None:
-        await self.stream.close()
 
 
 async def _has_checkpoint(store: Store) -> bool:
@@ -355,16 +273,14 @@ async def test_derived_rkey_collision_is_salted(rt: Runtime, users: Users) -> No
 
 
 async def test_a_cursor_closed_without_invalidate_is_reopened(rt: Runtime, users: Users) -> None:
-    """A server that forgets the cursor (a restart) must not leave the stream silently dead."""
+    """A stream that reports itself dead (PyMongo's `alive`) without an invalidate must not be
+    read silently forever: it is reopened from the checkpoint."""
     user = await users.make()
     opened: list[ClosingStream] = []
 
     async def open_stream(token: Mapping[str, Any] | None) -> Any:
         stream = ClosingStream(
-            await rt.store.moods.watch(
-                full_document="updateLookup", start_after=token, max_await_time_ms=200
-            ),
-            die=not opened,
+            await rt.store.watch_moods(token, max_await_ms=200, batch_size=100), die=not opened
         )
         opened.append(stream)
         return stream
@@ -382,12 +298,18 @@ def _opened_twice(opened: list[Any]) -> Any:
     return check
 
 
-class ClosingStream(InvalidatingStream):
+class ClosingStream:
     """The real stream, whose first empty answer reports the cursor gone (alive False)."""
 
     def __init__(self, stream: Any, *, die: bool) -> None:
-        super().__init__(stream)
-        self.die, self.dead = die, False
+        self.stream, self.die, self.dead = stream, die, False
+
+    @property
+    def resume_token(self) -> Any:
+        return self.stream.resume_token
+
+    async def close(self) -> None:
+        await self.stream.close()
 
     @property
     def alive(self) -> bool:
