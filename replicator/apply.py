@@ -311,7 +311,23 @@ class Applier:
         return salted
 
     def _chunks(self, writes: list[Write]) -> list[Sequence[Write]]:
-        return batches(writes) if self.writer.batch else [[w] for w in writes]
+        """`applyWrites` only for writes whose target is known to exist or not; one whose
+        target only may exist (`exists` None: an intent a crash left) goes alone, as
+        `putRecord`/`deleteRecord`, which need not know. The reference PDS fails a whole
+        `applyWrites` with HTTP 500 when an `#update` or `#delete` finds no record: retried,
+        parked and retried again, such a batch would never get through."""
+        if not self.writer.batch:
+            return [[w] for w in writes]
+        chunks: list[Sequence[Write]] = []
+        known: list[Write] = []
+        for write in writes:
+            if write.exists is not None:
+                known.append(write)
+                continue
+            chunks += batches(known) if known else []
+            chunks.append([write])
+            known = []
+        return chunks + (batches(known) if known else [])
 
     async def _lane(self, plan: UserPlan, *, sweeping: bool) -> LaneResult:
         """Send one user's writes. A refused `applyWrites` is retried one write at a time,

@@ -164,7 +164,9 @@ def plan_mood(
                 continue
             findings.append(Finding("duplicate", other[0], other[1], mood_id))
             if fix or remote is None:
-                writes.append(Write("delete", other[0], other[1], mood_id, why="duplicate"))
+                listed = True if remote is not None else None  # else only "may be there"
+                writes.append(Write("delete", other[0], other[1], mood_id, exists=listed,
+                                    why="duplicate"))  # fmt: skip
             else:
                 kept.append(other)
         new_entry = LedgerEntry(
@@ -203,7 +205,10 @@ def plan_mood(
     for h_did, h_rkey in writable:
         findings.append(Finding("stale", h_did, h_rkey, mood_id, desired.reason or ""))
         cid = remote.by_rkey[h_rkey].cid if remote is not None else _cid_at(entry, h_did, h_rkey)
-        writes.append(Write("delete", h_did, h_rkey, mood_id, exists=True, why="not desired",
+        # Known to exist when listed or when the ledger is sure of it; a location an intent
+        # added ("may be there") is not: `exists` None keeps it out of an `applyWrites`.
+        known = True if remote is not None or cid is not None else None
+        writes.append(Write("delete", h_did, h_rkey, mood_id, exists=known, why="not desired",
                             cid=cid))  # fmt: skip
     keep_rkey = (
         desired.doc_rkey or (entry.rkey if entry else None) or (held[0][1] if held else None)
