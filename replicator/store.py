@@ -145,6 +145,17 @@ def entry_to_doc(entry: LedgerEntry) -> Doc:
     }
 
 
+# A pending intent this old was left by a process that died: a lane gives up long before
+# (`apply.LANE_DEADLINE`), so nobody is still sending it.
+STALE_INTENT_SECONDS = 600.0
+
+
+def _due(entry: Mapping[str, Any], now: float) -> bool:
+    if entry.get("state") == State.PENDING.value:
+        return float(entry.get("updated_at") or 0) <= now - STALE_INTENT_SECONDS
+    return float(entry.get("retry_at") or 0) <= now
+
+
 class Store:
     """Every read a decision depends on comes from the primary with majority read concern,
     and every write waits for a majority, whatever the connection string says: a decision made
@@ -316,10 +327,16 @@ class Store:
         return {str(d["_id"]): int(d["n"]) async for d in cursor}
 
     async def parked_ids(self, limit: int = 500) -> list[ObjectId]:
-        """Parked moods whose retry time has come."""
+        """Parked moods whose retry time has come, and intents a dead process left pending.
+        Work done after the checkpoint moved past its event (a parked retry, the reconcile of
+        an account that is back) has no replay to finish it: without this, such an intent
+        would stay pending, its record missing or stale, forever."""
         now = time.time()
-        cursor = self.ledger.find({"state": State.PARKED.value}, {"_id": 1, "retry_at": 1})
-        due = [d["_id"] async for d in cursor if (d.get("retry_at") or 0) <= now]
+        cursor = self.ledger.find(
+            {"state": {"$in": [State.PARKED.value, State.PENDING.value]}},
+            {"_id": 1, "state": 1, "retry_at": 1, "updated_at": 1},
+        )
+        due = [d["_id"] async for d in cursor if _due(d, now)]
         return [ObjectId(i) for i in due[:limit]]
 
     # -- change streams and checkpoints -------------------------------------------------------
