@@ -108,3 +108,37 @@ async def diff(store: Store, pds_url: str, sub: str, did: str) -> dict[str, Any]
 
 def clean(d: dict[str, Any]) -> bool:
     return not any(d.values())
+
+
+async def tally(store: Store, pds_url: str, sub: str, did: str) -> dict[str, list[str]]:
+    """`diff` as the figures of an exact mirror, each counted separately: `missing` (a live
+    mood with no record), `duplicates` (a further record of a live mood), `dead` (a record of
+    a deleted or nuked mood, or of no mood at all), `different` (a mood's record is not its
+    desired record), `not_written_back` (a live mood's record exists but its rkey is not in
+    the document's `atproto.rkey`). Exact: every list empty."""
+    want = await expected_records(store, sub)
+    have = await records(pds_url, did)
+    by_ref: dict[str, list[str]] = {}
+    for rkey, value in sorted(have.items()):
+        by_ref.setdefault(str(value.get("ref")), []).append(rkey)
+    kinds = ("missing", "duplicates", "dead", "different", "not_written_back")
+    out: dict[str, list[str]] = {k: [] for k in kinds}
+    claimed: set[str] = set()
+    for rkey, record in want.items():
+        if rkey not in have and rkey.startswith("(not written back") and by_ref.get(record["ref"]):
+            out["not_written_back"].append(record["ref"])
+            rkey = by_ref[record["ref"]][0]
+        if rkey not in have:
+            out["missing"].append(rkey)
+            continue
+        claimed.add(rkey)
+        if have[rkey] != record:
+            out["different"].append(rkey)
+    live = {str(r["ref"]) for r in want.values()}
+    for rkey in sorted(set(have) - claimed):
+        out["duplicates" if str(have[rkey].get("ref")) in live else "dead"].append(rkey)
+    return out
+
+
+def figures(t: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in t.items())
