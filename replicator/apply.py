@@ -114,15 +114,15 @@ class Applier:
             ]
             plans.append(plan_user(user, account, desired, ledger, tid.from_object_id))
         outcome, again = await self._execute(plans, ledger)
-        # A user with no live mood left (purged or nuked) must end with an empty collection,
-        # including records the ledger never knew (made by the old inline writer).
-        for plan in plans:
-            if (
-                plan.user and plan.account
-                and any(m.desired.state is State.ABSENT for m in plan.moods)
-                and not await self.store.user_has_live_moods(plan.user)
-            ):  # fmt: skip
-                again.add(plan.user)
+        # A user whose moods were deleted or nuked is reconciled against the listing: records
+        # the ledger never knew (the old inline writer's) go too, so a purged user ends with an
+        # empty collection. Decided from the batch, not from what the user has now: a replay
+        # after a crash must sweep even if the user posted again meanwhile.
+        again |= {
+            plan.user for plan in plans
+            if plan.user and plan.account
+            and any(m.desired.state is State.ABSENT for m in plan.moods)
+        }  # fmt: skip
         for user in sorted(again | {u for u in unknown_deletes if accounts.get(u)}):
             outcome.merge(await self.reconcile_user(user, fix=True))
         return outcome

@@ -207,7 +207,7 @@ def plan_mood(
         cid = remote.by_rkey[h_rkey].cid if remote is not None else _cid_at(entry, h_did, h_rkey)
         # Known to exist when listed or when the ledger is sure of it; a location an intent
         # added ("may be there") is not: `exists` None keeps it out of an `applyWrites`.
-        known = True if remote is not None or cid is not None else None
+        known = True if remote is not None or _sure_at(entry, h_did, h_rkey) else None
         writes.append(Write("delete", h_did, h_rkey, mood_id, exists=known, why="not desired",
                             cid=cid))  # fmt: skip
     keep_rkey = (
@@ -219,10 +219,13 @@ def plan_mood(
     return MoodPlan(mood_id, desired, writes, new_entry, None, findings)
 
 
+def _sure_at(entry: LedgerEntry | None, did: str, rkey: str) -> bool:
+    """The ledger knows the record at (did, rkey) exists: written there after the PDS said so."""
+    return entry is not None and entry.sure and entry.held == ((did, rkey),)
+
+
 def _cid_at(entry: LedgerEntry | None, did: str, rkey: str) -> str | None:
-    if entry is not None and (entry.did, entry.rkey) == (did, rkey):
-        return entry.known_cid
-    return None
+    return entry.cid if _sure_at(entry, did, rkey) and entry is not None else None
 
 
 def plan_user(

@@ -25,7 +25,6 @@ from pymongo.read_concern import ReadConcern
 
 from . import crashpoints
 from .accounts import ParkedAccount
-from .desired import is_deleted
 from .lease import Fence, Fenced
 from .model import Account, LedgerEntry, Location, State
 from .sessions import Session
@@ -218,13 +217,6 @@ class Store:
 
     async def moods_of_user(self, sub: str) -> list[Doc]:
         return [d async for d in self.moods.find({"user": sub}).sort("_id", 1)]
-
-    async def user_has_live_moods(self, sub: str) -> bool:
-        """Any mood of the user that is not nuked (stops at the first one found)."""
-        async for doc in self.moods.find({"user": sub}, {"deleted": 1}):
-            if not is_deleted(doc.get("deleted")):
-                return True
-        return False
 
     async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
         wanted = sorted(set(subs))

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from .budget import cost as budget_cost
-from .errors import MAX_INLINE_WAIT, RateLimited
+from .errors import MAX_INLINE_WAIT, RateLimited, Rejected, Transient
 from .model import Account, Write
 from .pds import single_body, write_op
 from .ratelimit import TokenBucket
@@ -43,15 +43,23 @@ class RepoWriter:
             return {writes[0].rkey: await self._single(account, writes[0])}
         self.batches += 1
         body: dict[str, Any] = {"repo": account.did, "writes": [write_op(w) for w in writes]}
-        out = await self.sessions.call(
-            account,
-            lambda t: self.pds.xrpc("com.atproto.repo.applyWrites", body=body, token=t),
-        )
+        out = await self.sessions.call(account, lambda t: self._apply_writes(body, t))
         results: dict[str, str | None] = {w.rkey: None for w in writes}
         for write, result in zip(writes, out.get("results", []), strict=False):
             cid = result.get("cid") if isinstance(result, dict) else None
             results[write.rkey] = str(cid) if cid else None
         return results
+
+    async def _apply_writes(self, body: dict[str, Any], token: str) -> dict[str, Any]:
+        try:
+            return await self.pds.xrpc("com.atproto.repo.applyWrites", body=body, token=token)
+        except Transient as exc:
+            # The reference PDS answers a batch whose premise was wrong (a create of a record
+            # that exists, an update or delete of one that does not) with a 500: refused as a
+            # whole, not worth repeating as it is. The applier sends its writes one by one.
+            if exc.status == 500:
+                raise Rejected(exc.nsid, exc.status, exc.error, exc.message) from None
+            raise
 
     async def _pace(self, account: Account, writes: Sequence[Write]) -> None:
         """Spend the account's announced write budget, or wait / give up as it says."""

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
+import httpx
 import pytest
 
 from replicator.config import Settings
+from replicator.devstack.faults import FaultTransport
 from replicator.devstack.seed import SeededUser, seed_user
 from replicator.devstack.stack import LocalStack
 from replicator.identity import PUBLIC_PLC
@@ -55,6 +57,19 @@ def settings(stack: LocalStack) -> Settings:
 async def rt(settings: Settings) -> AsyncIterator[Runtime]:
     async with open_runtime(settings) as runtime:
         yield runtime
+        await runtime.store.client.drop_database(settings.db_name)
+
+
+@pytest.fixture
+async def faulty(settings: Settings) -> AsyncIterator[tuple[Runtime, FaultTransport]]:
+    """A runtime whose PDS calls pass through a `FaultTransport` (rules answer chosen calls
+    with 5xx, 429, timeouts or refusals; all others reach the real PDS)."""
+    transport = FaultTransport()
+    async with (
+        httpx.AsyncClient(transport=transport, timeout=30) as http,
+        open_runtime(settings, http=http) as runtime,
+    ):
+        yield runtime, transport
         await runtime.store.client.drop_database(settings.db_name)
 
 

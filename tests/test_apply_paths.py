@@ -4,7 +4,6 @@ refuses, and the read and write concerns every decision rests on."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
@@ -12,11 +11,10 @@ import orjson
 import pytest
 from pymongo import ReadPreference
 
-from replicator.config import Settings
 from replicator.devstack.faults import FaultTransport, nsid_of, repo_of
 from replicator.devstack.seed import insert_mood
 from replicator.model import State
-from replicator.runtime import Runtime, open_runtime
+from replicator.runtime import Runtime
 from replicator.store import Names, Store, connect
 
 from .conftest import Users
@@ -24,17 +22,6 @@ from .harness import records
 
 pytestmark = pytest.mark.anyio
 WHEN = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
-
-
-@pytest.fixture
-async def faulty(settings: Settings) -> AsyncIterator[tuple[Runtime, FaultTransport]]:
-    transport = FaultTransport()
-    async with (
-        httpx.AsyncClient(transport=transport, timeout=30) as http,
-        open_runtime(settings, http=http) as runtime,
-    ):
-        yield runtime, transport
-        await runtime.store.client.drop_database(settings.db_name)
 
 
 def _refuse(status: int, error: str, message: str) -> httpx.Response:

@@ -399,15 +399,6 @@ async def test_killed_at_crash_point_converges_exactly(
     await crash_scenario(point, n, rt, users, proc_factory(rt.settings))
 
 
-SWEEP_LOST = (
-    "replicator bug: the purge sweep is not an obligation that survives a kill: killed after "
-    "the purge's own deletes (write_back point) and before Applier.apply_ids ran the sweep, "
-    "the replayed batch also holds the user's new mood, `user_has_live_moods` is then true "
-    "and no sweep runs, ever: the old writer's records of the purged moods stay on the PDS"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SWEEP_LOST)
 async def test_purged_user_back_while_down_after_a_kill_before_the_sweep(
     rt: Runtime, users: Users, proc_factory: Callable[[Settings], Proc]
 ) -> None:
@@ -593,7 +584,6 @@ async def test_inserts_whose_intents_outlived_a_kill_then_nuked_are_deleted(
     assert not any(t.values()), figures(t)
 
 
-@pytest.mark.xfail(strict=True, reason=SWEEP_LOST)
 async def test_purge_applied_with_the_users_next_mood_still_sweeps(
     rt: Runtime, users: Users
 ) -> None:

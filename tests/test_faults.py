@@ -6,12 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from loguru import logger
 
@@ -30,17 +28,6 @@ from .harness import clean, diff, eventually, records, running
 pytestmark = pytest.mark.anyio
 WRITES = {"com.atproto.repo.putRecord", "com.atproto.repo.applyWrites",
           "com.atproto.repo.deleteRecord"}  # fmt: skip
-
-
-@pytest.fixture
-async def faulty(settings: Settings) -> AsyncIterator[tuple[Runtime, FaultTransport]]:
-    transport = FaultTransport()
-    async with (
-        httpx.AsyncClient(transport=transport, timeout=30) as http,
-        open_runtime(settings, http=http) as runtime,
-    ):
-        yield runtime, transport
-        await runtime.store.client.drop_database(settings.db_name)
 
 
 async def in_sync(rt: Runtime, *people: Any) -> bool:
