@@ -177,7 +177,7 @@ def test_same_seed_same_steps() -> None:
     assert len({r.digest() for r in crashed}) == 3
 
 
-def test_replay_does_not_depend_on_the_hash_seed() -> None:
+def test_steps_do_not_depend_on_the_hash_seed() -> None:
     """A replay in another process (another PYTHONHASHSEED: another set order) takes the
     same steps: nothing in the trajectory depends on the iteration order of a set."""
     logger.remove()
