@@ -24,7 +24,7 @@ class Deadlock(RuntimeError):
     """Every task waits and no timer is set: nothing can ever run again."""
 
 
-class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _Selector(selectors.DefaultSelector):
     def __init__(self, clock: Clock) -> None:
         super().__init__()
         self._clock = clock
