@@ -467,12 +467,16 @@ class Replicator:
 
     async def _follow_users(self, stop: anyio.Event) -> None:
         """Notes users whose account may have changed; the moods loop reconciles them between
-        batches (never beside a lane of the same user) and then saves this stream's token."""
+        batches (never beside a lane of the same user) and then saves this stream's token.
+
+        An `invalidate` (the collection dropped or renamed) ends a stream for good: the next
+        one starts after it (`startAfter` the invalidate's token), as MongoDB allows, so a
+        `users` collection that is recreated is followed again."""
         delay = 0.5
+        after: Mapping[str, Any] | None = None  # the token of an invalidate just read
         while not stop.is_set():
             try:
-                saved = await self.store.load_checkpoint("users")
-                token = (saved or {}).get("token")
+                token = after or ((await self.store.load_checkpoint("users")) or {}).get("token")
                 try:
                     stream = await self.store.watch_users(token, max_await_ms=self.max_await_ms)
                 except OperationFailure as exc:
@@ -487,15 +491,14 @@ class Replicator:
                 if token is None:
                     self._users_token = _position_of(stream)
                 try:
-                    while not stop.is_set():
-                        change = await stream.try_next()
-                        if change is not None and _account_changed(change):
-                            user = (change.get("documentKey") or {}).get("_id")
-                            if isinstance(user, str):
-                                self._users_due[user] = None
-                        self._users_token = stream.resume_token or self._users_token
+                    after = await self._read_users(stream, stop)
                 finally:
                     await stream.close()
+                if after is not None:
+                    logger.warning("the {} collection was dropped or renamed; following it "
+                                   "from there", self.store.names.users)  # fmt: skip
+                    with anyio.move_on_after(delay):
+                        await stop.wait()
             except Exception as exc:
                 if not _transient(exc) and _history_lost(exc) is None:
                     raise
@@ -503,6 +506,24 @@ class Replicator:
                 with anyio.move_on_after(delay):
                     await stop.wait()
                 delay = min(delay * 2, 10.0)
+
+    async def _read_users(
+        self, stream: AsyncChangeStream[Doc], stop: anyio.Event
+    ) -> Mapping[str, Any] | None:
+        """Until `stop`, or until the stream ends: then the token to start after."""
+        while not stop.is_set():
+            change = await stream.try_next()
+            if change is not None and change.get("operationType") == "invalidate":
+                self._users_token = change["_id"]
+                return dict(change["_id"])
+            if change is not None and _account_changed(change):
+                user = (change.get("documentKey") or {}).get("_id")
+                if isinstance(user, str):
+                    self._users_due[user] = None
+            self._users_token = stream.resume_token or self._users_token
+            if not stream.alive:
+                return None  # closed without an invalidate: reopen from the checkpoint
+        return None
 
     async def _reconcile_users(self) -> None:
         token, due = self._users_token, list(self._users_due)
