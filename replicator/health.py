@@ -153,7 +153,8 @@ class Monitor:
     # -- the event loop's side ----------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """One round: probe the PDS, read the ledger and dead-letter counts, flush stats."""
+        """One round: probe the PDS, read the ledger, dead-letter and parked-account counts,
+        flush stats."""
         await self._probe_pds()
         store = self.rt.store
         try:
@@ -161,6 +162,8 @@ class Monitor:
             for state in {*(s.value for s in State), *counts}:
                 metrics.LEDGER.labels(state).set(counts.get(state, 0))
             metrics.DEAD_LETTERS.set(await store.dead_letter_count())
+            parked = await store.parked_accounts()
+            metrics.observe_parked_accounts((p.kind, p.reason) for p in parked)
         except PyMongoError as exc:
             logger.debug("metrics refresh: MongoDB unavailable ({})", exc)
         rate = self.rt.writer.rate

@@ -117,6 +117,15 @@ LEDGER = Gauge(
     ["state"],
     registry=REGISTRY,
 )
+PARKED_ACCOUNTS = Gauge(
+    "replicator_parked_accounts",
+    "Accounts whose writes are parked until they can be written again, by reason: "
+    "deactivated, takendown, suspended (the PDS says so), moved (the DID document names "
+    "another PDS), unavailable (any other).",
+    ["reason"],
+    registry=REGISTRY,
+)
+PARKED_REASONS = ("deactivated", "takendown", "suspended", "moved", "unavailable")
 REPAIRS = Counter(
     "replicator_repairs_total",
     "Writes made to repair a divergence found by a reconciliation (audit --fix), by operation.",
@@ -227,6 +236,23 @@ def observe_repairs(counts: Mapping[str, int]) -> None:
         if n > 0:
             REPAIRS.labels(key).inc(n)
             _pending.repairs[key] += n
+
+
+def parked_reason(kind: str, reason: str) -> str:
+    """A parked account's reason as a label value: one of `PARKED_REASONS`, never a host."""
+    if kind == "moved":
+        return "moved"
+    for word in PARKED_REASONS[:3]:
+        if f"account {word} " in reason:
+            return word
+    return "unavailable"
+
+
+def observe_parked_accounts(parked: Iterable[tuple[str, str]]) -> None:
+    """(kind, reason) of every parked account, as `replicator_accounts` holds them."""
+    counts = Tally(parked_reason(kind, reason) for kind, reason in parked)
+    for label in PARKED_REASONS:
+        PARKED_ACCOUNTS.labels(label).set(counts.get(label, 0))
 
 
 def note_error(message: str) -> None:

@@ -3,7 +3,8 @@
 Everything comes from the replicator's own collections, so it works from any machine that can
 reach the database, whether or not a replicator runs: the checkpoint (position, time, events
 applied), the live view the running process flushes every few seconds (lag, stream open,
-ready), the ledger by state, dead letters, the last error, the lease, and the launch figures
+ready), the ledger by state, dead letters, the last error, the lease, the accounts whose
+writes are parked (deactivated, taken down, moved: `replicator_accounts`), and the launch figures
 (accounts, moods, records, sync success rate and latency, failures, repairs). Read-only: it
 writes nothing and needs no PDS credentials.
 """
@@ -23,6 +24,7 @@ from pymongo import DESCENDING
 from pymongo.errors import PyMongoError
 
 from .. import metrics
+from ..accounts import ParkedAccount
 from ..config import redact_uri
 from ..logs import redact
 from ..store import Names, Store, connect
@@ -35,7 +37,7 @@ __all__ = ["gather", "status"]
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (scripts, launch reports).")
 def status(as_json: bool, **kw: Any) -> None:
-    """Checkpoint, lag, ledger by state, dead letters, last error, lease and launch figures.
+    """Checkpoint, lag, ledger, dead letters, last error, lease, parked accounts, launch.
 
     Read-only, from Mongo (PDS_URL, when set, is only probed for reachability).
     Exit: 0 shown, 1 MongoDB unreachable.
@@ -71,6 +73,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
     latest_dead = await store.dead_letters.find_one({}, sort=[("last_at", DESCENDING)])
     users_with_account = await store.users.count_documents({"atproto.did": {"$regex": "^did:"}})
     moods_total = await store.moods.count_documents({})
+    parked = await store.parked_accounts()
 
     live = _live(stats, now)
     report: dict[str, Any] = {
@@ -88,6 +91,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
             "latest": _dead_letter(latest_dead, now) if latest_dead else None,
         },
         "last_error": _last_error(stats, latest_dead),
+        "parked_accounts": _parked_accounts(parked, now),
         "pds": await _probe(pds_url) if pds_url else None,
         "launch": {
             "users_with_account": users_with_account,
@@ -168,6 +172,28 @@ def _dead_letter(doc: dict[str, Any], now: float) -> dict[str, Any]:
         "attempts": doc.get("attempts"),
         "last_at": _iso(last),
     }
+
+
+def _parked_accounts(parked: list[ParkedAccount], now: float) -> dict[str, Any]:
+    """Accounts whose writes wait until they can be written again, by reason (oldest first;
+    at most 20 listed)."""
+    by_reason: dict[str, int] = {}
+    for p in parked:
+        by_reason[p.reason] = by_reason.get(p.reason, 0) + 1
+    listed = [
+        {
+            "did": p.did,
+            "user": p.sub,
+            "kind": p.kind,
+            "reason": p.reason,
+            "since": _iso(p.since),
+            "checks": p.attempts,
+            "next_check_in_seconds": round(max(0.0, p.next_check_at - now), 1),
+        }
+        for p in sorted(parked, key=lambda p: p.since)[:20]
+    ]
+    return {"count": len(parked), "by_reason": dict(sorted(by_reason.items())),
+            "accounts": listed}  # fmt: skip
 
 
 def _last_error(stats: dict[str, Any] | None, dead: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -257,6 +283,12 @@ def render(r: dict[str, Any]) -> str:
     latest = dl["latest"]
     tail = f" (latest: {latest['mood_id']} {latest['reason']})" if latest else ""
     lines.append(f"  dead letters  {dl['count']}{tail}")
+    pa = r.get("parked_accounts")
+    if pa is not None:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in pa["by_reason"].items())
+        plural = "" if pa["count"] == 1 else "s"
+        lines.append(f"  parked        {pa['count']} account{plural} ({reasons})" if pa["count"]
+                     else "  parked        no account")  # fmt: skip
     err = r["last_error"]
     lines.append(
         f"  last error    {err['at']} [{err['source']}] {err['message']}" if err else
