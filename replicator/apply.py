@@ -272,12 +272,16 @@ class Applier:
                 done.append(mood)
             _count(outcome, replace(plan, moods=done), applied=True)
         outcome.counts["parked"] += len(parked)
-        await self.store.save_entries(entries)
-        if pending:
-            crashpoints.hit("ledger")
+        # The rkeys are written back before the intents settle: until then a crash leaves them
+        # pending, and a pending intent is finished by whoever comes next (a replay, or the
+        # retry of stale intents when the work came after the checkpoint). Settled first, an
+        # entry would say "done" for a document still without its permalink.
         failed = await self.store.write_back_many(writebacks)
         if writebacks:
             crashpoints.hit("write_back")
+        await self.store.save_entries(entries)
+        if pending:
+            crashpoints.hit("ledger")
         await self._report(live, before, entries, parked, failed, outcome)
         metrics.observe_apply(outcome, time.monotonic() - started)
         return outcome, again

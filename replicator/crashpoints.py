@@ -9,8 +9,8 @@ dictionary lookup. The points, in the order a batch passes them:
 |--------------|--------------------------------------------------------------------|
 | `intent`     | the batch's write-ahead intents are in the ledger                  |
 | `pds_call`   | a write call to the PDS returned (the n-th since start)            |
+| `write_back` | the rkeys are written back to `moods` (the intents still pending)  |
 | `ledger`     | the batch's outcome is in the ledger                               |
-| `write_back` | the rkeys are written back to `moods`                              |
 | `checkpoint` | a resume token is saved                                            |
 | `sweep`      | a purge sweep's PDS write (a user left with no live mood)          |
 | `recovery`   | a user reconciled during history-loss (or reset-position) recovery |
@@ -22,7 +22,7 @@ import os
 import signal
 
 ENV = "REPLICATOR_CRASH_AT"
-POINTS = ("intent", "pds_call", "ledger", "write_back", "checkpoint", "sweep", "recovery")
+POINTS = ("intent", "pds_call", "write_back", "ledger", "checkpoint", "sweep", "recovery")
 
 
 def _parse(spec: str | None) -> tuple[str, int] | None:
