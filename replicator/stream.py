@@ -238,6 +238,9 @@ class Replicator:
                     await self._pump(stream, stop)
                 finally:
                     self.stream_open = False
+                    # A batch given up with its stream (history lost while reading, an error,
+                    # a fence) is not in flight any more: it is read again, or recovered.
+                    self.oldest_unapplied_at = None
                     with (
                         anyio.CancelScope(shield=True),
                         anyio.move_on_after(5),
