@@ -79,6 +79,7 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             want.record is not None and REFUSED in want.record["mood"]
         ):
             kept.add(str(doc["_id"]))
+    unwritten: set[str] = set()  # refs of live moods whose rkey was never written back
     for user in app.users:
         expected: dict[str, Record] = {}
         for doc in app.moods_of(user):
@@ -92,6 +93,7 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             atproto = doc.get("atproto")
             rkey = atproto.get("rkey") if isinstance(atproto, dict) else None
             if not tid.is_tid(rkey):
+                unwritten.add(str(mood_id))
                 problems.append(f"{user.handle}: mood {mood_id} has no rkey written back "
                                 f"(atproto={doc.get('atproto')!r})")  # fmt: skip
                 continue
@@ -115,7 +117,10 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
                 continue
             if ref in kept and canonical(record) in history.get(ref, set()):
                 continue  # the last good record of a mood that is invalid or refused now
-            why = "of a deleted or nuked mood" if ref in owner_of else "of no mood"
+            if ref in unwritten:
+                why = "of a live mood whose rkey was not written back"
+            else:
+                why = "of a deleted or nuked mood" if ref in owner_of else "of no mood"
             problems.append(f"{user.handle}: extra record {rkey} {why} (ref {ref})")
     for did, repo in sorted(pds.repos.items()):
         refs: dict[str, int] = {}
