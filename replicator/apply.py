@@ -400,15 +400,16 @@ class Applier:
         that are fine again."""
         by_id = {e.mood_id: e for e in entries}
         user_of = {m.mood_id: p for p in plans for m in p.moods}
+        letters: list[tuple[Any, str | None, str | None, str]] = []
         for plan, mood_id, reason in parked:
             did = plan.account.did if plan.account else None
-            await self.store.dead_letter(mood_id, plan.user, did, reason)
+            letters.append((mood_id, plan.user, did, reason))
             logger.bind(mood_id=str(mood_id), did=did).warning("parked: {}", reason)
             outcome.findings.append(Finding("parked", did, None, mood_id, reason))
         for mood_id, reason in failed.items():
             plan = user_of[mood_id]
             did = plan.account.did if plan.account else None
-            await self.store.dead_letter(mood_id, plan.user, did, reason)
+            letters.append((mood_id, plan.user, did, reason))
             logger.bind(mood_id=str(mood_id), did=did).error("{}", reason)
             outcome.counts["write_back_failed"] += 1
         fixed = []
@@ -419,7 +420,7 @@ class Applier:
                     plan = user_of[mood_id]
                     # The user's DID even when no record was ever made: whose repo it is for.
                     did = entry.did or (plan.account.did if plan.account else None)
-                    await self.store.dead_letter(mood_id, plan.user, did, entry.reason or "")
+                    letters.append((mood_id, plan.user, did, entry.reason or ""))
                     logger.bind(mood_id=str(mood_id), did=did).warning(
                         "invalid mood: {}", entry.reason
                     )
@@ -430,6 +431,7 @@ class Applier:
                 and prior.state in (State.INVALID, State.PARKED)
             ):
                 fixed.append(mood_id)
+        await self.store.dead_letter_many(letters)
         await self.store.clear_dead_letters(fixed)
 
 

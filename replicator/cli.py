@@ -8,8 +8,10 @@ Exit codes: 0 done / stopped cleanly; 1 error; 2 usage; 3 history lost with
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,7 +26,7 @@ from .commands.dlq import dlq
 from .commands.lexicon import lexicon
 from .commands.status import status
 from .config import Settings, redact_uri
-from .lease import LeaseLost
+from .lease import Fenced
 from .rollout import split_users
 from .runtime import open_runtime
 from .stream import HistoryLost, StreamInvalidated
@@ -181,11 +183,25 @@ async def _run(settings: Settings, stop: anyio.Event, ready: Callable[[], None] 
         except StreamInvalidated as exc:
             logger.critical("{}; not resuming. Check the collection, then `replicator run`.", exc)
             code = EXIT_INVALIDATED
-        except LeaseLost:
+        except Fenced:
             code = EXIT_LEASE_LOST
+        _exit_within(settings.shutdown_grace + 5.0, code)
         tg.cancel_scope.cancel()
     logger.info("replicator stopped ({} events applied)", replicator.events_applied)
     return code
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """If closing the clients hangs (a PyMongo async client whose operations were cancelled
+    can, on Python 3.11: tests/test_fencing.py), exit anyway: the supervisor restarts us."""
+
+    def hard_exit() -> None:
+        logger.error("shutdown did not finish within {:.0f}s; exiting", seconds)
+        os._exit(code)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 @main.command()

@@ -24,6 +24,7 @@ from .budget import Budgets
 from .errors import (
     MAX_INLINE_WAIT,
     AccountGone,
+    AccountUnavailable,
     AuthFailed,
     PdsError,
     RateLimited,
@@ -34,6 +35,9 @@ from .lease import Fence
 from .model import RemoteRecord, Write
 
 MOOD_COLLECTION = "computer.aesthetic.mood"
+# `getRepoStatus`'s `status`, as the error name a write to such an account answers.
+_STATUS_ERRORS = {"deactivated": "AccountDeactivated", "takendown": "AccountTakedown",
+                  "suspended": "RepoSuspended"}  # fmt: skip
 WRITE_NSIDS = frozenset(
     f"com.atproto.repo.{name}"
     for name in ("putRecord", "deleteRecord", "applyWrites", "createRecord")
@@ -173,7 +177,23 @@ class Pds:
     # -- unauthenticated reads -------------------------------------------------------------
 
     async def list_records(self, did: str, collection: str = MOOD_COLLECTION) -> list[RemoteRecord]:
-        """Every record of the collection: pages until the server returns no cursor."""
+        """Every record of the collection: pages until the server returns no cursor.
+
+        A deactivated or taken-down repo answers "Could not find repo", as a deleted one does;
+        it is not empty, only hidden, so `getRepoStatus` tells them apart: an inactive account
+        raises `AccountUnavailable`, a deleted one `AccountGone`."""
+        try:
+            return await self._list(did, collection)
+        except AccountGone:
+            status = await self.repo_status(did)  # AccountGone again if it is really gone
+            if status.get("active") is False:
+                reason = str(status.get("status") or "inactive")
+                raise AccountUnavailable(
+                    "com.atproto.sync.getRepoStatus", 200, _STATUS_ERRORS.get(reason), reason
+                ) from None
+            raise
+
+    async def _list(self, did: str, collection: str) -> list[RemoteRecord]:
         out: list[RemoteRecord] = []
         cursor: str | None = None
         while True:

@@ -139,12 +139,16 @@ def plan_mood(
         target = (account.did, rkey)
         cid: str | None = None
         exists: bool | None
+        ours = False  # the listing shows this mood's own record at the rkey
         if remote is not None:
+            # Whatever the listing shows at the rkey is what a put replaces, and what its
+            # `swapRecord` must name: even a record of another mood (the permalink wins).
             current = remote.by_rkey.get(rkey)
-            exists = current is not None and current.ref == str(mood_id)
-            in_sync = exists and current is not None and current.value == desired.record
-            cid = current.cid if exists and current is not None else None
-            if not exists:
+            exists = current is not None
+            ours = current is not None and current.ref == str(mood_id)
+            in_sync = ours and current is not None and current.value == desired.record
+            cid = current.cid if current is not None else None
+            if not ours:
                 findings.append(Finding("missing", account.did, rkey, mood_id))
             elif not in_sync:
                 findings.append(Finding("mismatch", account.did, rkey, mood_id))
@@ -174,11 +178,7 @@ def plan_mood(
             cid if in_sync else None, held=tuple(kept + stranded),
         )  # fmt: skip
         writeback = rkey if desired.doc_rkey != rkey else None
-        adopted = (
-            remote is not None
-            and exists is True
-            and (entry is None or entry.state is not State.PRESENT or entry.rkey != rkey)
-        )
+        adopted = ours and (entry is None or entry.state is not State.PRESENT or entry.rkey != rkey)
         return MoodPlan(mood_id, desired, writes, new_entry, writeback, findings, adopted)
 
     if desired.state is State.INVALID:

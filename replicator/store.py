@@ -477,17 +477,30 @@ class Store:
     async def dead_letter(
         self, mood_id: Any, user: str | None, did: str | None, reason: str
     ) -> None:
-        """Keyed by the mood id (hex, or the repr of an id that is not an ObjectId)."""
+        await self.dead_letter_many([(mood_id, user, did, reason)])
+
+    async def dead_letter_many(
+        self, letters: Sequence[tuple[Any, str | None, str | None, str]]
+    ) -> None:
+        """(mood id, user, did, reason) each, in one bulk write. Keyed by the mood id (hex,
+        or the repr of an id that is not an ObjectId)."""
+        if not letters:
+            return
         now = time.time()
-        key = str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
-        await self.dead_letters.update_one(
-            {"_id": key},
-            {
-                "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
-                "$setOnInsert": {"first_at": now},
-                "$inc": {"attempts": 1},
-            },
-            upsert=True,
+        await self.dead_letters.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)},
+                    {
+                        "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
+                        "$setOnInsert": {"first_at": now},
+                        "$inc": {"attempts": 1},
+                    },
+                    upsert=True,
+                )
+                for mood_id, user, did, reason in letters
+            ],
+            ordered=False,
         )
 
     async def forget_dead_letter(self, key: str) -> None:

@@ -42,7 +42,7 @@ from . import crashpoints
 from .apply import Applier
 from .backfill import Backfill
 from .desired import bad_id_reason, valid_user
-from .lease import Fenced, Lease, LeaseLost
+from .lease import Fenced, Lease
 from .store import Doc, Store
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
@@ -184,28 +184,26 @@ class Replicator:
 
     async def run(self, stop: anyio.Event) -> None:
         """Until `stop` is set; waits for the lease first when there is one. A process that
-        can no longer prove it holds the lease abandons the batch in flight (it is replayed by
-        whoever holds it) and waits for the lease again; one whose lease was taken over
-        raises `LeaseLost`."""
+        can no longer prove it holds the lease (taken over, or its deadline passed) abandons
+        the batch in flight, which whoever holds the lease replays, and raises `Fenced`: it
+        exits 5 and its supervisor starts it again as a standby. It does not wait again in the
+        same process: operations cancelled mid-flight can leave PyMongo's async client on
+        Python 3.11 wedged (tests/test_fencing.py), and a fresh process starts clean."""
         if self.lease is None:
             await self._run_stream(stop)
             return
-        while not stop.is_set():
-            try:
-                async with self.lease.kept(stop) as acquired:
-                    if acquired:
-                        await self._run_stream(stop)
-                return
-            except Exception as exc:
-                fenced = find(exc, Fenced)
-                if fenced is None:
-                    raise
-                if isinstance(fenced, LeaseLost):
-                    raise fenced from None
-                logger.warning("{}: the batch in flight is abandoned; waiting for the lease "
-                               "again", fenced)  # fmt: skip
-            finally:
-                self.stream_open = False
+        try:
+            async with self.lease.kept(stop) as acquired:
+                if acquired:
+                    await self._run_stream(stop)
+        except Exception as exc:
+            fenced = find(exc, Fenced)
+            if fenced is None:
+                raise
+            logger.critical("{}: the batch in flight is abandoned; stopping", fenced)
+            raise fenced from None
+        finally:
+            self.stream_open = False
 
     # -- positions -----------------------------------------------------------------------------
 

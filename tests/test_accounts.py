@@ -298,13 +298,6 @@ async def test_taken_down_account_parks_its_user_until_reversed(
     assert await rt.store.dead_letter_count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: listRecords of a deactivated (or taken down) repo answers 400 InvalidRequest "
-    "'Could not find repo: <did>'; errors.classify reads that message as AccountGone, so "
-    "Applier.reconcile_user takes the hidden repo for an empty one: nuked moods' locations "
-    "are dropped from the ledger and their records come back on activation",
-)
 async def test_a_listing_of_a_deactivated_repo_is_not_an_empty_repo(
     rt: Runtime, users: Users
 ) -> None:
@@ -320,10 +313,14 @@ async def test_a_listing_of_a_deactivated_repo_is_not_an_empty_repo(
     await rt.store.moods.update_many({"user": who.sub}, {"$set": {"deleted": True}})
     await rt.applier.reconcile_user(who.sub)
     found = await entries(rt, ids)
+    assert await rt.store.parked.count_documents({"_id": who.did}) == 1  # the account parked
     await activate(rt.settings.pds_url, who)
-    await rt.applier.maintain()  # what the sidecar does between batches
-    left = await records(rt.settings.pds_url, who.did)
-    assert left == {}, f"{len(left)} records of nuked moods are back after activation"
+
+    async def swept() -> bool:
+        await rt.applier.maintain()  # what the sidecar does between batches
+        return await records(rt.settings.pds_url, who.did or "") == {}
+
+    await eventually(swept, 20, "the nuked moods' records deleted once the account is back")
     assert all(e.held or e.state is State.PARKED for e in found.values()), found
 
 
@@ -631,18 +628,7 @@ class ReplanFailed(AssertionError):
     "foreign",
     [
         "edited elsewhere",
-        pytest.param(
-            "another mood's record",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ReplanFailed,
-                reason="bug (plan.plan_mood): a listed record at the mood's rkey whose `ref` is "
-                "not the mood is planned as `exists=False`, so the re-planned putRecord carries "
-                "swapRecord=null ('must not exist') and fails InvalidSwap again; the mood is "
-                "parked and only the parked retry (parked_retry_seconds, 60 s by default) "
-                "overwrites it, without a swap",
-            ),
-        ),
+        "another mood's record",
     ],
 )
 async def test_record_changed_elsewhere_fails_the_swap_and_is_reread(

@@ -113,7 +113,6 @@ async def test_paused_leader_never_resurrects_a_record(
     first = _run(rt.settings, logs[0])
     second: subprocess.Popen[bytes] | None = None
     stopped = False
-    wedged: str | None = None
     try:
         await eventually(lambda: held_by(first), 30, "the first process holds the lease")
         await eventually(_checkpoint_saved(rt), 30, "the first process's stream is open")
@@ -194,25 +193,15 @@ async def test_paused_leader_never_resurrects_a_record(
         assert all(not d.get("held") for d in docs if d["state"] == State.ABSENT.value)
         assert await held_by(second)
 
-        # What the old leader does, and that its log says why.
+        # What the old leader does: it cannot prove it holds the lease, so it stops (exit 5),
+        # saying why, within the shutdown grace plus the hard-exit bound, whatever state its
+        # MongoDB client is in after its operations were cancelled (a dependency bug on
+        # Python 3.11: see test_cancelled_server_selection_leaves_the_client_usable).
+        code = await anyio.to_thread.run_sync(lambda: first.wait(30))
         log = paths[0].read_text()
-        if "the lease was taken over by another process; stopping" in log:
-            try:  # README: exit 5, "another process took the lease over"
-                code = await anyio.to_thread.run_sync(lambda: first.wait(15))
-                assert code == 5, log
-                outcome = "exited 5"
-            except subprocess.TimeoutExpired:
-                wedged = "logged the takeover but did not exit within 15 s"
-        elif "the batch in flight is abandoned; waiting for the lease again" in log:
-            assert first.poll() is None, log
-            assert "not renewed in time" in log
-            assert not await held_by(first)
-            outcome = "went back to waiting for the lease"
-        else:
-            assert first.poll() is None, log
-            wedged = "neither stopped nor said why within 10 s"
-        if wedged:
-            outcome = f"WEDGED ({wedged})"
+        assert code == 5, log
+        assert "the batch in flight is abandoned; stopping" in log, log
+        outcome = "exited 5"
         print(
             f"standby took over {took_over:.1f}s after SIGSTOP (lease {LEASE_SECONDS}s); "
             f"everything deleted {cleaned:.1f}s after the nuke (the standby's ledger 10 s later: "
@@ -225,8 +214,6 @@ async def test_paused_leader_never_resurrects_a_record(
                 continue
             if stopped and proc is first:
                 os.kill(proc.pid, signal.SIGCONT)
-            if proc is first and wedged:
-                proc.kill()  # SIGTERM cannot help a wedged client
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -237,12 +224,6 @@ async def test_paused_leader_never_resurrects_a_record(
         for f in logs:
             f.close()
     assert second is not None and second.returncode == 0
-    if wedged:
-        # Fencing held (checked above); the process's own exit did not. Not deterministic, so
-        # not a strict xfail: `test_cancelled_server_selection_leaves_the_client_usable` below
-        # is the deterministic reproduction.
-        pytest.xfail(f"the old leader {wedged}: {PYMONGO_PY311_DEADLOCK}")
-    assert first.returncode in (0, 5)
 
 
 def _checkpoint_saved(rt: Runtime) -> Any:

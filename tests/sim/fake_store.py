@@ -374,16 +374,27 @@ class FakeStore:
     async def dead_letter(
         self, mood_id: Any, user: str | None, did: str | None, reason: str
     ) -> None:
+        await self.dead_letter_many([(mood_id, user, did, reason)])
+
+    async def dead_letter_many(
+        self, letters: Sequence[tuple[Any, str | None, str | None, str]]
+    ) -> None:
+        if not letters:
+            return
         now = self._now()
-        key = str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
 
-        def change(doc: Doc) -> None:
-            doc.setdefault("first_at", now)
-            doc.update({"user": user, "did": did, "reason": reason, "last_at": now})
-            doc["attempts"] = doc.get("attempts", 0) + 1
+        def op() -> None:
+            for mood_id, user, did, reason in letters:
+                key = str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
 
-        await self._io("dead_letter", lambda: self.state.update(
-            self.names.dead_letters, key, change, upsert=True))  # fmt: skip
+                def change(doc: Doc, user: Any = user, did: Any = did, why: Any = reason) -> None:
+                    doc.setdefault("first_at", now)
+                    doc.update({"user": user, "did": did, "reason": why, "last_at": now})
+                    doc["attempts"] = doc.get("attempts", 0) + 1
+
+                self.state.update(self.names.dead_letters, key, change, upsert=True)
+
+        await self._io("dead_letter_many", op)
 
     async def forget_dead_letter(self, key: str) -> None:
         await self._io("forget_dead_letter",

@@ -55,7 +55,7 @@ MAX_PROCESSES = 40
 RETRY_ATTEMPTS = 100
 SITES = (
     "moods_by_id", "ledger_by_id", "accounts", "moods_of_user",
-    "dead_letter", "ledger_of_user", "parked_ids", "save_entries", "rkey_owners",
+    "dead_letter_many", "ledger_of_user", "parked_ids", "save_entries", "rkey_owners",
     "write_back_many", "clear_dead_letters", "forget_dead_letter", "watch_moods", "watch_users",
     "load_checkpoint", "save_checkpoint", "clear_checkpoint_marks", "users_in_scope",
     "user_of_mood", "load_run", "start_run", "finish_run", "users_done", "user_done",
@@ -170,7 +170,7 @@ _SITE_FEATURES = {
     "recovery finished": "finish_run", "account parked": "save_parked_account",
     "account released": "release_account", "session refreshed":
     "pds:com.atproto.server.refreshSession", "applyWrites": "pds:com.atproto.repo.applyWrites",
-    "listing": "pds:com.atproto.repo.listRecords", "dead letter": "dead_letter",
+    "listing": "pds:com.atproto.repo.listRecords", "dead letter": "dead_letter_many",
 }  # fmt: skip
 
 
