@@ -86,7 +86,9 @@ def _verdicts(seeds: range) -> tuple[Verdict, ...]:
     workers = min(len(seeds), os.cpu_count() or 1)
     if workers <= 1:
         return tuple(map(_one, seeds))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # spawn, not fork: a fork of the test process (threads of earlier tests, loguru's lock, the
+    # session stack's SIGTERM handler) can hang a worker or let it stop the parent's servers.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         return tuple(pool.map(_one, seeds, chunksize=5))
 
 

@@ -195,3 +195,24 @@ async def test_store_round_trip_uses_tz_aware_dates(store: Store) -> None:
 
 
 __all__ = ["connect"]
+
+
+def test_a_forked_child_does_not_stop_the_parents_servers(stack: LocalStack) -> None:
+    """A multiprocessing worker forked from a process that owns a stack inherits its SIGTERM
+    handler and atexit hook; a worker's SIGTERM (Pool.terminate after a timeout) once took the
+    test session's MongoDB and PDS down with it."""
+    assert stack.mongo is not None and stack.pds is not None, "needs the embedded servers"
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only waits for its signal
+        try:
+            time.sleep(30)
+        except SystemExit as exc:  # the inherited handler's exit: never back into pytest
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(child, signal.SIGTERM)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 128 + signal.SIGTERM, "the stack's handler did not run"
+    time.sleep(0.5)
+    assert stack.mongo.child is not None and stack.mongo.child.alive()
+    assert stack.pds.child is not None and stack.pds.child.alive()

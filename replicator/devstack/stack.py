@@ -75,12 +75,20 @@ class LocalStack:
 
 def _stop_on_signals(stack: LocalStack) -> None:
     """SIGTERM stops the children before we go; atexit covers a normal exit. (A kill -9 of the
-    parent is covered by PR_SET_PDEATHSIG in the children.)"""
-    atexit.register(stack.stop)
+    parent is covered by PR_SET_PDEATHSIG in the children.) Only the process that started the
+    stack stops it: a forked child (a multiprocessing worker, say) inherits both the handler
+    and the atexit hook, and its SIGTERM must not take the parent's servers down."""
+    owner = os.getpid()
+
+    def stop_if_owner() -> None:
+        if os.getpid() == owner:
+            stack.stop()
+
+    atexit.register(stop_if_owner)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
 
         def on_term(signum: int, frame: object) -> None:
-            stack.stop()
+            stop_if_owner()
             raise SystemExit(128 + signum)
 
         signal.signal(signal.SIGTERM, on_term)
