@@ -4,7 +4,9 @@ One run on the local stack (or the servers named by `MONGODB_CONNECTION_STRING` 
 measures and prints one table (issue #6):
 
 - (a) the PDS's capacity on this machine: single-record commits across the bench's repos,
-  and `applyWrites` batches of 200 creates, as fast as the PDS accepts them;
+  `applyWrites` batches of 200 creates, and the commits the backfill and the burst actually
+  sent (same records per commit, same calls, as many repos in flight), as fast as the PDS
+  accepts them;
 - (b) the old inline writer: `createSession` + `createRecord` per mood, one after another;
 - (c) the replicator: a burst of inserts (first insert → last record seen on the PDS
   firehose), a purge (`deleteMany` per user), a backfill, the insert → visible lag under a
@@ -13,13 +15,11 @@ measures and prints one table (issue #6):
   nothing) plus the pure planner on in-memory data.
 
 Modules: `common` (sizes, seeded users, the replicator as a child process, the firehose
-watcher, CPU accounting), `pds_capacity` ((a) and (b)), `scenarios` ((c) end to end), `core`
-(the core alone), `report` (table, ratios, targets, JSON), `runner` (the whole run).
+watcher, CPU accounting, the bench's stack), `probe` (the replicator with its PDS calls
+recorded), `shape` (a scenario's commit shape from those calls), `pds_capacity` ((a) and (b)),
+`scenarios` ((c) end to end), `core` (the core alone), `report` (table, ratios, targets,
+JSON), `runner` (the whole run).
+
+The package imports nothing itself: `python -m replicator.bench.probe` loads no more than the
+replicator it runs.
 """
-
-from __future__ import annotations
-
-from .common import Sizes
-from .runner import SCENARIOS, run_bench
-
-__all__ = ["SCENARIOS", "Sizes", "run_bench"]

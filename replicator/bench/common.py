@@ -24,13 +24,18 @@ import orjson
 from anyio.abc import Process, TaskStatus
 from bson import ObjectId
 from pymongo import AsyncMongoClient
+from pymongo.errors import AutoReconnect
 
 from ..config import Settings
 from ..devstack.procs import free_port
 from ..devstack.seed import seed_user
+from ..devstack.servers import EmbeddedMongo
+from ..devstack.stack import LocalStack
 from ..pds import MOOD_COLLECTION
 from ..sessions import Session
 from ..store import Doc, Names, Store
+from .probe import ENV as PROBE_ENV
+from .shape import Call, read_calls
 
 __all__ = ["BENCH_NAMES", "MB", "BenchUser", "Ctx", "Doc", "Firehose", "Sizes"]
 
@@ -157,7 +162,14 @@ async def prepare_db(
     client: AsyncMongoClient[Doc], db_name: str, users: Sequence[BenchUser]
 ) -> Store:
     """A scenario's own database: the users, their handles and their warm sessions."""
-    await client.drop_database(db_name)
+    for attempt in range(3):  # a server still busy with the last scenario may drop us once
+        try:
+            await client.drop_database(db_name)
+            break
+        except AutoReconnect:
+            if attempt == 2:
+                raise
+            await anyio.sleep(5)
     store = Store(client, db_name, BENCH_NAMES)
     await store.ensure_indexes()
     if users:
@@ -351,7 +363,12 @@ class CpuMeter:
 
 
 def replicator_env(
-    mongodb_uri: str, db_name: str, pds_url: str, names: Names, sizes: Sizes
+    mongodb_uri: str,
+    db_name: str,
+    pds_url: str,
+    names: Names,
+    sizes: Sizes,
+    plc_url: str | None = None,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATOR_")}
     env.update(
@@ -365,6 +382,9 @@ def replicator_env(
         # Its own /metrics port: another engineer's replicator may hold the default one.
         REPLICATOR_HTTP_ADDR=f"127.0.0.1:{free_port()}",
     )
+    if plc_url:
+        # The PLC the users' DIDs live in: the account gate resolves every DID it writes to.
+        env["REPLICATOR_PLC_URL"] = plc_url
     if sizes.concurrency is not None:
         env["REPLICATOR_CONCURRENCY"] = str(sizes.concurrency)
     if sizes.batch_size is not None:
@@ -390,7 +410,8 @@ def read_status_kb(pid: int, key: str) -> int | None:
 
 
 class ReplicatorProcess:
-    """`python -m replicator.cli <args>`, optionally under pyinstrument, logging to a file."""
+    """`python -m replicator.cli <args>`, optionally under pyinstrument, logging to a file;
+    with `probe_to`, through `replicator.bench.probe`, which records its PDS calls there."""
 
     def __init__(
         self,
@@ -400,22 +421,32 @@ class ReplicatorProcess:
         args: Sequence[str] = ("run",),
         profile_to: Path | None = None,
         stdout_path: Path | None = None,
+        probe_to: Path | None = None,
     ) -> None:
         self.env = dict(env)
         self.log_path = log_path
         self.args = list(args)
         self.profile_to = profile_to
         self.stdout_path = stdout_path
+        self.probe_to = probe_to
+        if probe_to is not None:
+            probe_to.unlink(missing_ok=True)
+            self.env[PROBE_ENV] = str(probe_to)
         self._out: IO[bytes] | None = None
         self.proc: Process | None = None
         self._log: IO[bytes] | None = None
 
     @property
     def argv(self) -> list[str]:
+        module = "replicator.bench.probe" if self.probe_to is not None else "replicator.cli"
         if self.profile_to is not None:
             return [sys.executable, "-m", "pyinstrument", "-r", "pyisession",
-                    "-o", str(self.profile_to), "-m", "replicator.cli", *self.args]  # fmt: skip
-        return [sys.executable, "-m", "replicator.cli", *self.args]
+                    "-o", str(self.profile_to), "-m", module, *self.args]  # fmt: skip
+        return [sys.executable, "-m", module, *self.args]
+
+    def calls(self) -> list[Call]:
+        """The PDS calls the probe recorded (empty without one)."""
+        return read_calls(self.probe_to) if self.probe_to is not None else []
 
     @property
     def pid(self) -> int | None:
@@ -501,6 +532,7 @@ class Ctx:
     sizes: Sizes
     run_id: str
     work_dir: Path
+    plc_url: str | None = None
     users: list[BenchUser] = field(default_factory=list)
     purge_users: list[BenchUser] = field(default_factory=list)
     server_pids: dict[str, int | None] = field(default_factory=dict)
@@ -518,7 +550,8 @@ class Ctx:
         return CpuMeter({**self.server_pids, "bench": os.getpid(), **extra})
 
     def env(self, db_name: str) -> dict[str, str]:
-        return replicator_env(self.mongodb_uri, db_name, self.pds_url, BENCH_NAMES, self.sizes)
+        return replicator_env(self.mongodb_uri, db_name, self.pds_url, BENCH_NAMES, self.sizes,
+                              self.plc_url)  # fmt: skip
 
     def settings(self, db_name: str, pds_url: str | None = None) -> Settings:
         """For the replicator in this process (the backfill's setup, the core)."""
@@ -527,15 +560,58 @@ class Ctx:
             extra["concurrency"] = self.sizes.concurrency
         if self.sizes.batch_size is not None:
             extra["batch_size"] = self.sizes.batch_size
+        if self.plc_url:
+            extra["plc_url"] = self.plc_url
         return Settings(self.mongodb_uri, db_name, pds_url or self.pds_url, BENCH_NAMES,
                         http_addr="off", **extra)  # fmt: skip
 
     def replicator(
-        self, db_name: str, scenario: str, *, profile: bool = False
+        self,
+        db_name: str,
+        scenario: str,
+        *,
+        args: Sequence[str] = ("run",),
+        profile: bool = False,
+        probe: bool = False,
+        stdout_path: Path | None = None,
     ) -> ReplicatorProcess:
+        """`replicator <args>` on the scenario's database; `probe`: its PDS calls recorded
+        (`<scenario>-calls.jsonl`), for the scenario's commit shape."""
         profile_to = None
         if profile and self.profile_dir is not None:
             profile_to = self.profile_dir / f"{scenario}-replicator.pyisession"
+        probe_to = self.work_dir / f"{scenario}-calls.jsonl" if probe else None
         return ReplicatorProcess(
-            self.env(db_name), self.work_dir / f"{scenario}-replicator.log", profile_to=profile_to
-        )
+            self.env(db_name), self.work_dir / f"{scenario}-replicator.log", args=args,
+            profile_to=profile_to, stdout_path=stdout_path, probe_to=probe_to,
+        )  # fmt: skip
+
+
+# -- the bench's own stack ---------------------------------------------------------------------
+
+
+def oplog_entries(sizes: Sizes) -> int:
+    """Oplog entries the embedded server keeps (its default, 100,000, is a count, where a real
+    replica set's oplog is sized in bytes: hours of writes). A backlog is read while the
+    replicator adds about three entries per mood (intent, outcome, write-back) after it, so
+    the bench keeps ten per mood of its largest backlog, and never fewer than the default."""
+    return max(100_000, 10 * max(sizes.backlog, sizes.core) + 100_000)
+
+
+@dataclass
+class BenchStack(LocalStack):
+    """`LocalStack`, with the embedded MongoDB started with `mongo_args`."""
+
+    mongo_args: tuple[str, ...] = ()
+
+    def start(self) -> BenchStack:
+        if self.mongodb_uri is None:
+            self.mongo = EmbeddedMongo(self.state / "mongo", extra_args=self.mongo_args)
+            try:
+                self.mongo.start()
+            except BaseException:
+                self.mongo.stop()
+                raise
+            self.mongodb_uri = self.mongo.uri
+        super().start()  # the PDS (MongoDB is there now) and the stop-on-signal handlers
+        return self

@@ -1,10 +1,19 @@
 """(a) What the PDS alone accepts on this machine, and (b) the old inline writer's way.
 
 (a) is a direct load generator, no replicator involved: one session per account (logged in
-once when the users are seeded), then for a fixed time either single-record `createRecord`
-commits from `single_concurrency` workers, each on its own slice of the repos (the PDS
-serialises writes per repo), or `applyWrites` calls of 200 creates from `batch_concurrency`
-workers. Its records go to a collection of their own, so the mood collections the replicator
+once when the users are seeded), then for a fixed time `concurrency` workers, each on its own
+slice of the repos (the PDS serialises writes per repo), send one commit after another as fast
+as the PDS answers:
+
+- `single_commits`: single-record `createRecord` commits;
+- `apply_writes_batches`: `applyWrites` calls of 200 creates;
+- `at_shape`: the commits a scenario itself produced (`shape`, measured through the probe):
+  the same calls with the same numbers of records, interleaved in the same proportions
+  (`replay_order`), from as many workers as the scenario had repos with a write in flight at
+  most, over the same repos. A single write is `putRecord` with `swapRecord: null`, as the
+  replicator sends a create.
+
+Its records go to a collection of their own, so the mood collections the replicator
 scenarios list stay exactly theirs.
 
 (b) is what the app's HTTP handler does today, per mood: `createSession`, then `createRecord`,
@@ -13,18 +22,22 @@ one mood after another. Raw HTTP, no SDK overhead: an upper bound for the old wr
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import httpx
 import orjson
+from bson import ObjectId
 
 from ..pds import APPLY_WRITES_MAX
+from ..tid import from_object_id
 from .common import BenchUser, percentile
+from .shape import APPLY_WRITES
 
 LOAD_COLLECTION = "computer.aesthetic.benchload"
 
@@ -57,41 +70,57 @@ def _token(user: BenchUser) -> str:
     return user.session.access
 
 
+# One commit to send: (NSID, body, records it writes).
+Call = tuple[str, dict[str, Any], int]
+
+
 async def _drive(
     pds_url: str,
     users: Sequence[BenchUser],
     *,
     seconds: float,
     concurrency: int,
-    nsid: str,
-    body: Callable[[BenchUser, int], dict[str, Any]],
-) -> tuple[int, int, Counter[int], list[float], float]:
-    """`concurrency` workers, each on its own repos, sending `nsid` calls as fast as the PDS
-    answers for `seconds`: (workers, ok calls, statuses, latencies of the ok ones, elapsed)."""
+    call: Callable[[BenchUser, int], Call],
+) -> tuple[int, int, int, Counter[int], list[float], float]:
+    """`concurrency` workers, each on its own repos, sending `call(user, n)` commits as fast
+    as the PDS answers for `seconds`: (workers, ok calls, records they wrote, statuses,
+    latencies of the ok ones, elapsed)."""
     workers = max(1, min(concurrency, len(users)))
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
+    records = 0
     async with _client(pds_url, workers) as http:
         started = time.monotonic()
         deadline = started + seconds
 
         async def worker(w: int) -> None:
+            nonlocal records
             mine = users[w::workers]
             i = 0
             while time.monotonic() < deadline:
                 user = mine[i % len(mine)]
+                nsid, body, count = call(user, i * workers + w)
                 t = time.monotonic()
-                resp = await _post(http, nsid, body(user, i * workers + w), _token(user))
+                resp = await _post(http, nsid, body, _token(user))
                 statuses[resp.status_code] += 1
                 if resp.status_code == 200:
                     latencies.append(time.monotonic() - t)
+                    records += count
                 i += 1
 
         async with anyio.create_task_group() as tg:
             for w in range(workers):
                 tg.start_soon(worker, w)
         elapsed = time.monotonic() - started
-    return workers, statuses[200], statuses, latencies, elapsed
+    return workers, statuses[200], records, statuses, latencies, elapsed
+
+
+def _creates(n: int, count: int) -> list[dict[str, Any]]:
+    return [
+        {"$type": "com.atproto.repo.applyWrites#create", "collection": LOAD_COLLECTION,
+         "value": _record(n * APPLY_WRITES_MAX + j)}
+        for j in range(count)
+    ]  # fmt: skip
 
 
 def _errors(statuses: Counter[int]) -> int:
@@ -106,11 +135,11 @@ async def single_commits(
     pds_url: str, users: Sequence[BenchUser], *, seconds: float, concurrency: int
 ) -> dict[str, Any]:
     """`createRecord` commits, `concurrency` in flight, each worker on its own repos."""
-    workers, ok, statuses, latencies, elapsed = await _drive(
+    workers, ok, _, statuses, latencies, elapsed = await _drive(
         pds_url, users, seconds=seconds, concurrency=concurrency,
-        nsid="com.atproto.repo.createRecord",
-        body=lambda user, n: {"repo": user.did, "collection": LOAD_COLLECTION,
-                              "record": _record(n)},
+        call=lambda user, n: ("com.atproto.repo.createRecord",
+                              {"repo": user.did, "collection": LOAD_COLLECTION,
+                               "record": _record(n)}, 1),
     )  # fmt: skip
     return {
         "commits": ok,
@@ -135,18 +164,12 @@ async def apply_writes_batches(
 ) -> dict[str, Any]:
     """`applyWrites` of `batch` creates per call (one commit each), `concurrency` in flight."""
 
-    def body(user: BenchUser, n: int) -> dict[str, Any]:
-        writes = [
-            {"$type": "com.atproto.repo.applyWrites#create", "collection": LOAD_COLLECTION,
-             "value": _record(n * batch + j)}
-            for j in range(batch)
-        ]  # fmt: skip
-        return {"repo": user.did, "writes": writes}
+    def call(user: BenchUser, n: int) -> Call:
+        return APPLY_WRITES, {"repo": user.did, "writes": _creates(n, batch)}, batch
 
-    workers, ok, statuses, latencies, elapsed = await _drive(
-        pds_url, users, seconds=seconds, concurrency=concurrency,
-        nsid="com.atproto.repo.applyWrites", body=body,
-    )  # fmt: skip
+    workers, ok, _, statuses, latencies, elapsed = await _drive(
+        pds_url, users, seconds=seconds, concurrency=concurrency, call=call
+    )
     return {
         "commits": ok,
         "records": ok * batch,
@@ -155,6 +178,62 @@ async def apply_writes_batches(
         "records_per_s": round(ok * batch / elapsed, 1),
         "batch": batch,
         "concurrency": workers,
+        "errors": _errors(statuses),
+        "latency_ms_p50": _p(latencies, 50),
+    }
+
+
+def replay_order(commit_sizes: Mapping[str, int]) -> list[tuple[str, int]]:
+    """`{"applyWrites 50": 20, "putRecord 1": 10}` → the 30 (call, records), interleaved
+    evenly (each kind at the middles of its equal shares of the cycle), so that any stretch
+    of the replay, even a run shorter than one cycle, has the scenario's proportions."""
+    slots: list[tuple[float, str, int]] = []
+    for key, count in commit_sizes.items():
+        name, _, records = key.partition(" ")
+        slots += [((i + 0.5) / int(count), name, int(records)) for i in range(int(count))]
+    return [(name, records) for _, name, records in sorted(slots)]
+
+
+async def at_shape(
+    pds_url: str, users: Sequence[BenchUser], *, seconds: float, shape: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The scenario's commits (`shape` from `shape.summarize`), replayed as creates from as
+    many workers as it had repos with a write in flight at most."""
+    order = replay_order(shape.get("commit_sizes") or {})
+    concurrency = (shape.get("repos_in_flight") or {}).get("max")
+    if not order or not concurrency:
+        raise RuntimeError("the scenario's commit shape was not measured (no commits seen)")
+    unknown = {name for name, _ in order} - {"applyWrites", "putRecord", "createRecord"}
+    if unknown:
+        raise RuntimeError(f"cannot replay {', '.join(sorted(unknown))} commits as creates")
+    sent: Counter[str] = Counter()
+    turn = itertools.count()  # shared by the workers: the mix holds whoever is faster
+
+    def call(user: BenchUser, n: int) -> Call:
+        name, records = order[next(turn) % len(order)]
+        sent[name] += 1
+        if name == "applyWrites":
+            return APPLY_WRITES, {"repo": user.did, "writes": _creates(n, records)}, records
+        body: dict[str, Any] = {"repo": user.did, "collection": LOAD_COLLECTION,
+                                "record": _record(n)}  # fmt: skip
+        if name == "putRecord":
+            body.update(rkey=from_object_id(ObjectId()), swapRecord=None)
+        return f"com.atproto.repo.{name}", body, 1
+
+    workers, ok, records, statuses, latencies, elapsed = await _drive(
+        pds_url, users, seconds=seconds, concurrency=int(concurrency), call=call
+    )
+    return {
+        "commits": ok,
+        "records": records,
+        "seconds": round(elapsed, 3),
+        "commits_per_s": round(ok / elapsed, 2),
+        "records_per_s": round(records / elapsed, 1),
+        "records_per_commit": round(records / ok, 2) if ok else None,
+        "shape_records_per_commit": shape.get("records_per_commit"),
+        "concurrency": workers,
+        "repos": len(users),
+        "calls": dict(sent),
         "errors": _errors(statuses),
         "latency_ms_p50": _p(latencies, 50),
     }

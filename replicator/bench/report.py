@@ -1,4 +1,8 @@
-"""The one table, the ratios (c)/(a) and (c)/(b), the targets of issue #6, and the JSON."""
+"""The one table, the ratios (c)/(a) and (c)/(b), the targets of issue #6, and the JSON.
+
+Besides the targets' ratios (burst against single commits, backfill and purge against
+`applyWrites` of 200), the burst and the backfill are also divided by (a) at their own commit
+shape: the PDS's capacity for commits of exactly the size and parallelism they sent."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .shape import describe
 
 # Issue #6's targets: figures for the note, not asserts.
 BURST_OF_SINGLE = 0.8
@@ -46,8 +52,12 @@ def ratios(results: Mapping[str, Any]) -> dict[str, float | None]:
     burst = _get(results, "c_burst", "records_per_s")
     purge = _get(results, "c_purge", "records_per_s")
     backfill = _get(results, "c_backfill", "records_per_s")
+    burst_shape = _get(results, "a_burst_shape", "records_per_s")
+    backfill_shape = _get(results, "a_backfill_shape", "records_per_s")
     return {
         "burst/a_single": _ratio(burst, single),
+        "burst/a_burst_shape": _ratio(burst, burst_shape),
+        "backfill/a_backfill_shape": _ratio(backfill, backfill_shape),
         "purge/a_apply_writes": _ratio(purge, batch),
         "backfill/a_apply_writes": _ratio(backfill, batch),
         "burst/b_old": _ratio(burst, old),
@@ -116,6 +126,8 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
             return
         if isinstance(row, Mapping) and "error" in row:
             result, detail = "failed", str(row["error"])[:120]
+            if row.get("shape"):  # what it sent before it failed
+                detail += f"; until then: {describe(row['shape'])}"
         met = _mark(goals[goal]["met"]) if goal else ""
         out.append({"part": part, "measure": measure, "result": result, "detail": detail,
                     "target": target, "met": met})  # fmt: skip
@@ -125,9 +137,16 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         return row if isinstance(row, Mapping) and "error" not in row else {}
 
     a1, a2, b = r("a_single"), r("a_batch"), r("b_old")
+    a_bf, a_bu = r("a_backfill_shape"), r("a_burst_shape")
     c_burst, c_purge, c_backfill = r("c_burst"), r("c_purge"), r("c_backfill")
     c_lag, c_rss, c_core, c_pure = r("c_lag"), r("c_backlog"), r("c_core"), r("c_core_pure")
     single, batch = _num(a1.get("commits_per_s")), _num(a2.get("records_per_s"))
+    shares = ratios(results)
+
+    def of_shape(key: str) -> str:
+        share = shares.get(key)
+        return "" if share is None else f"; {share:.2f} of (a) at this shape"
+
     add(
         "a",
         f"PDS: single-record commits, {a1.get('repos', '?')} repos",
@@ -144,6 +163,20 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         f"{_fmt(a2.get('commits_per_s'), 2)} commits/s, {a2.get('concurrency')} in flight, "
         f"{_fmt(a2.get('seconds'))} s; errors {a2.get('errors')}",
     )
+    for key, row, scenario in (("a_backfill_shape", a_bf, "backfill"),
+                               ("a_burst_shape", a_bu, "burst")):  # fmt: skip
+        calls = ", ".join(f"{n:,} {k}" for k, n in (row.get("calls") or {}).items())
+        add(
+            "a",
+            f"PDS at the {scenario}'s shape: {_fmt(row.get('shape_records_per_commit'))} "
+            f"records/commit, {row.get('concurrency', '?')} repos in flight"
+            + (f" (partial: the {scenario} failed)" if row.get("partial_shape") else ""),
+            key,
+            f"{_fmt(row.get('records_per_s'))} records/s",
+            f"{_fmt(row.get('commits_per_s'), 2)} commits/s ({calls}), "
+            f"{_fmt(row.get('seconds'))} s over {row.get('repos')} repos; p50 "
+            f"{_fmt(row.get('latency_ms_p50'))} ms; errors {row.get('errors')}",
+        )
     add(
         "b",
         "old: createSession + createRecord per mood, sequential",
@@ -158,7 +191,7 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         "c_backfill",
         f"{_fmt(c_backfill.get('records_per_s'))} records/s",
         f"{_fmt(c_backfill.get('seconds'))} s (wall {_fmt(c_backfill.get('wall_seconds'))} s); "
-        f"{_fmt(c_backfill.get('records_per_commit'))} records/commit",
+        f"{describe(c_backfill.get('shape'))}{of_shape('backfill/a_backfill_shape')}",
         _target(BATCH_OF_APPLY_WRITES, batch, "(a) applyWrites"),
         "backfill",
     )
@@ -168,7 +201,7 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         "c_burst",
         f"{_fmt(c_burst.get('records_per_s'))} records/s",
         f"{_fmt(c_burst.get('seconds'))} s first insert → last record on the PDS; "
-        f"{_fmt(c_burst.get('records_per_commit'))} records/commit",
+        f"{describe(c_burst.get('shape'))}{of_shape('burst/a_burst_shape')}",
         _target(BURST_OF_SINGLE, single, "(a) single"),
         "burst",
     )
@@ -178,8 +211,7 @@ def rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
         "c_purge",
         f"{_fmt(c_purge.get('records_per_s'))} deletes/s",
         f"{_fmt(c_purge.get('seconds'))} s to the last delete; ledger settled at "
-        f"{_fmt(c_purge.get('ledger_settled_seconds'))} s; "
-        f"{_fmt(c_purge.get('records_per_commit'))} records/commit",
+        f"{_fmt(c_purge.get('ledger_settled_seconds'))} s; {describe(c_purge.get('shape'))}",
         _target(BATCH_OF_APPLY_WRITES, batch, "(a) applyWrites"),
         "purge",
     )
@@ -252,18 +284,23 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     console.print("[bold]ratios[/bold]")
     r = report.get("ratios", {})
     labels = {
-        "burst/a_single": f"burst / (a) single commits        (target >= {BURST_OF_SINGLE})",
-        "purge/a_apply_writes": f"purge / (a) applyWrites records   (target >= "
-        f"{BATCH_OF_APPLY_WRITES})",
-        "backfill/a_apply_writes": f"backfill / (a) applyWrites records (target >= "
-        f"{BATCH_OF_APPLY_WRITES})",
-        "burst/b_old": f"burst / (b) old                    (target >= {TIMES_OLD:.0f})",
-        "purge/b_old": "purge / (b) old",
-        "backfill/b_old": "backfill / (b) old",
-    }
-    for key, label in labels.items():
+        "burst/a_single": ("burst / (a) single commits", f"target >= {BURST_OF_SINGLE}"),
+        "burst/a_burst_shape": ("burst / (a) at the burst's own commit shape",
+                                "the real limit for its commits"),
+        "backfill/a_apply_writes": ("backfill / (a) applyWrites records",
+                                    f"target >= {BATCH_OF_APPLY_WRITES}"),
+        "backfill/a_backfill_shape": ("backfill / (a) at the backfill's own commit shape",
+                                      "the real limit for its commits"),
+        "purge/a_apply_writes": ("purge / (a) applyWrites records",
+                                 f"target >= {BATCH_OF_APPLY_WRITES}"),
+        "burst/b_old": ("burst / (b) old", f"target >= {TIMES_OLD:.0f}"),
+        "purge/b_old": ("purge / (b) old", ""),
+        "backfill/b_old": ("backfill / (b) old", ""),
+    }  # fmt: skip
+    for key, (label, note) in labels.items():
         value = r.get(key)
-        console.print(f"  {label}: {'—' if value is None else f'{value:.2f}'}")
+        shown = "—" if value is None else f"{value:.2f}"
+        console.print(f"  {label + ':':<52}{shown:>7}   {note}".rstrip(), highlight=False)
 
     cpu_rows = [
         (key, row["cpu"])

@@ -2,7 +2,9 @@
 
 Order: (a) and (b) first (they measure the PDS while its repos are small), then the backfill
 (whose listings then see only its own records), burst, purge (on users of its own), lag, the
-backlog, and the core. A measurement that fails is reported as failed; the others still run.
+backlog, and the core. The backfill and the burst are each followed at once by (a) at their
+own commit shape (the same repos, a moment later). A measurement that fails is reported as
+failed; the others still run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def parse_only(text: str) -> list[str]:
     return [s for s in SCENARIOS if s in wanted]
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: the one worth a line."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def needs_pds(only: Sequence[str]) -> bool:
     return any(s in NEEDS_PDS for s in only)
 
@@ -63,6 +72,7 @@ async def run_bench(
     work_dir: Path,
     server_pids: dict[str, int | None],
     stack_kind: dict[str, str],
+    plc_url: str | None = None,
     profile_dir: Path | None = None,
     keep: bool = False,
     say: Callable[[str], None] = print,
@@ -74,7 +84,7 @@ async def run_bench(
     if profile_dir is not None:
         await anyio.Path(profile_dir).mkdir(parents=True, exist_ok=True)
     client = connect(mongodb_uri)
-    ctx = Ctx(mongodb_uri, pds_url, client, sizes, run_id, work_dir,
+    ctx = Ctx(mongodb_uri, pds_url, client, sizes, run_id, work_dir, plc_url=plc_url,
               server_pids=server_pids, profile_dir=profile_dir, say=say)  # fmt: skip
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -131,9 +141,28 @@ async def run_bench(
                     ),
                 )
             )
+
+        def at_shape(scenario: str) -> Callable[[], Awaitable[dict[str, Any]]]:
+            async def step() -> dict[str, Any]:
+                measured = results.get(f"c_{scenario}") or {}
+                if "shape" not in measured:
+                    raise RuntimeError(f"not measured: the {scenario} has no commit shape")
+                out = await pds_capacity.at_shape(pds_url, ctx.users,
+                                                  seconds=sizes.capacity_seconds,
+                                                  shape=measured["shape"])  # fmt: skip
+                if "error" in measured:  # the commits it sent before it failed
+                    out["partial_shape"] = True
+                return out
+
+            return step
+
         c_steps = {
             "backfill": ("c_backfill", "(c) backfill", lambda: scenarios.backfill(ctx)),
+            "backfill_shape": ("a_backfill_shape", "(a) PDS at the backfill's commit shape",
+                               at_shape("backfill")),
             "burst": ("c_burst", "(c) burst", lambda: scenarios.burst(ctx)),
+            "burst_shape": ("a_burst_shape", "(a) PDS at the burst's commit shape",
+                            at_shape("burst")),
             "purge": ("c_purge", "(c) purge", lambda: scenarios.purge(ctx)),
             "lag": ("c_lag", "(c) lag", lambda: scenarios.lag(ctx)),
             "backlog": ("c_backlog", "(c) backlog / peak RSS", lambda: scenarios.backlog(ctx)),
@@ -142,6 +171,8 @@ async def run_bench(
         for name in only:
             if name in c_steps:
                 steps.append(c_steps[name])
+            if f"{name}_shape" in c_steps:
+                steps.append(c_steps[f"{name}_shape"])
         for key, label, step in steps:
             say(f"{label}...")
             t = time.monotonic()
@@ -151,9 +182,12 @@ async def run_bench(
                 results[key] = await step()
                 results[key].setdefault("cpu", CpuMeter.between(cpu0, meter.snapshot()))
             except Exception as exc:
-                results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                leaf = _leaf(exc)
+                cause = getattr(leaf, "cause", leaf)
+                results[key] = {"error": f"{type(cause).__name__}: {cause}",
+                                **getattr(leaf, "partial", {})}  # fmt: skip
                 (work_dir / f"{key}.error.txt").write_text(traceback.format_exc())
-                say(f"  FAILED: {type(exc).__name__}: {exc}")
+                say(f"  FAILED: {results[key]['error']}")
             else:
                 say(f"  done in {time.monotonic() - t:.1f}s")
             if key == "a_single" and "error" not in results[key]:
@@ -169,20 +203,24 @@ async def run_bench(
 
     if stack_kind.get("mongodb", "").startswith("embedded"):
         notes.append(
-            "MongoDB is nx-27017 (a wire-protocol server on SQLite, single-threaded Python), "
-            "not mongod: every Mongo round trip costs far more CPU than on a real replica set, "
-            "and getMore on a change stream returns at once instead of awaiting, so an idle "
-            "replicator polls every 50 ms (stream.IDLE_POLL_SECONDS)."
+            "MongoDB is SecantusDB (a single-node replica set in Python on WiredTiger, run "
+            "with --sync-on-commit: every commit waits for its log fsync), not mongod: its "
+            f"CPU is the 'mongo' column. Oplog kept: {stack_kind.get('oplog_entries', '?')} "
+            "entries (the server's cap is a count; a real replica set's is bytes)."
         )
+    notes.append(
+        "The replicator reads a batch for at most --max-batch-ms (its default, 250 ms) or "
+        "--batch-size events, whichever comes first; the shapes in the table (records per "
+        "commit, repos in flight) are counted from its own PDS calls, not derived."
+    )
     notes.append(
         "Sessions are logged in once at seeding and copied into each scenario's database, as "
         "a running sidecar holds them; (b) logs in per mood by design."
     )
     if "backlog" in only:
         notes.append(
-            "Backlog: the moods are inserted while the replicator is stopped (checkpoint saved "
-            "first); the bench holds a change stream open meanwhile because nx-27017 keeps only "
-            "1000 changes of history once a stream reads the collection."
+            "Backlog: the moods are inserted while the replicator is stopped (a checkpoint at "
+            "the stream's position saved first), then it is started from that checkpoint."
         )
     load_end = os.getloadavg()
     notes.append(

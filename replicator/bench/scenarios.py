@@ -2,7 +2,9 @@
 
 Every scenario has its own database (the same seeded users, their warm sessions copied in, as
 a running sidecar holds them) and watches the PDS firehose: a record counts as mirrored when
-its commit is sequenced by the PDS, the moment any client can see it.
+its commit is sequenced by the PDS, the moment any client can see it. The burst, the purge and
+the backfill run the replicator through `probe`, which records its PDS calls: their `shape`
+is the commits they really sent (records per commit, calls, repos in flight; `shape.py`).
 
 - burst: the replicator is running and idle; N moods are inserted (insert_many, chunks of 500)
   over all users; time from the first insert to the last of the N records on the firehose.
@@ -11,10 +13,7 @@ its commit is sequenced by the PDS, the moment any client can see it.
 - backfill: N existing moods, `replicator backfill --json`; the job's own time.
 - lag: a steady insert rate for a window; per mood, insert call → its record on the firehose.
 - backlog: N moods inserted while the replicator is stopped with a saved checkpoint, then it
-  is started: peak RSS (VmHWM) until it has caught up. nx-27017, the embedded server, keeps
-  only 1000 changes of history once another stream reads the collection: the bench holds a
-  change stream of its own open from the checkpoint on, which keeps the history intact
-  (harmless on a real replica set, whose oplog keeps it anyway).
+  is started: peak RSS (VmHWM) until it has caught up, or for at most `backlog_seconds`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from .common import (
     CpuMeter,
     Ctx,
     Firehose,
-    ReplicatorProcess,
     insert_docs,
     mood_docs,
     percentile,
@@ -53,8 +51,29 @@ from .common import (
     wait_stream_open,
     wait_until,
 )
+from .shape import summarize
 
 STALL_SECONDS = 180.0  # no progress for this long: the scenario is reported as failed
+
+
+class Unfinished(Exception):
+    """A scenario that failed part way, with what it measured until then (`partial`: its
+    commit shape, say), reported next to the error."""
+
+    def __init__(self, cause: Exception, partial: dict[str, Any]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.partial = partial
+
+
+async def save_current_position(store: Store) -> None:
+    """A checkpoint at the stream's current position, as a replicator that ran and stopped
+    leaves it: what is inserted next is its backlog (kept by the oplog, like any history)."""
+    async with await store.moods.watch() as stream:
+        token = stream.resume_token
+        if token is None:
+            raise RuntimeError("the server opened a change stream without a resume token")
+    await store.save_checkpoint(token, events_applied=0)
 
 
 async def wait_progress(
@@ -109,7 +128,8 @@ async def burst(ctx: Ctx) -> dict[str, Any]:
     profiling = ctx.profile_dir is not None
     async with anyio.create_task_group() as tg:
         await tg.start(firehose.run)
-        proc = await ctx.replicator(store.db.name, "burst", profile=profiling).start()
+        proc = await ctx.replicator(store.db.name, "burst", profile=profiling,
+                                    probe=True).start()  # fmt: skip
         spy = await _spy_on_mongo(ctx, "burst") if profiling else None
         try:
             await wait_stream_open(store, proc)
@@ -120,10 +140,16 @@ async def burst(ctx: Ctx) -> dict[str, Any]:
             t0 = time.monotonic()
             insert_s = await insert_docs(store, docs)
             ctx.say(f"    {n:,} moods inserted in {insert_s:.1f}s")
-            await wait_progress(ctx, "burst records on the PDS",
-                                lambda: sum(1 for k in want if k in firehose.created), n,
-                                every=0.2, alive=proc.alive)  # fmt: skip
-            t_last = max(firehose.created[k] for k in want)
+            try:
+                await wait_progress(ctx, "burst records on the PDS",
+                                    lambda: sum(1 for k in want if k in firehose.created), n,
+                                    every=0.2, alive=proc.alive)  # fmt: skip
+            except (TimeoutError, RuntimeError) as exc:
+                stalled: Exception | None = exc
+            else:
+                stalled = None
+            seen = [firehose.created[k] for k in want if k in firehose.created]
+            t_last = max(seen, default=time.monotonic())
             cpu = CpuMeter.between(cpu0, meter.snapshot())
             commits, ops = firehose.commits, firehose.ops
         finally:
@@ -136,16 +162,33 @@ async def burst(ctx: Ctx) -> dict[str, Any]:
     seconds = t_last - t0
     if proc.profile_to is not None:
         await _render_pyinstrument(proc.profile_to)
+    sent = _commits(commits, ops, summarize(proc.calls(), since=t0))
+    if stalled is not None:  # what it did send is still what it sent: kept with the error
+        raise Unfinished(stalled, {"moods": n, "users": len(ctx.users),
+                                   "records_seen": len(seen), **sent, "cpu": cpu})  # fmt: skip
     return {
         "moods": n,
         "users": len(ctx.users),
         "seconds": round(seconds, 3),
         "records_per_s": round(n / seconds, 1),
         "insert_seconds": round(insert_s, 3),
-        "commits": commits,
-        "records_per_commit": round(ops / commits, 2) if commits else None,
+        **sent,
         "ledger_present": await _present(store),
         "cpu": cpu,
+    }
+
+
+def _commits(firehose_commits: int, firehose_ops: int, shape: dict[str, Any]) -> dict[str, Any]:
+    """The scenario's commits, as the replicator sent them (`shape`, from its own PDS calls)
+    and as the firehose sequenced them (commits touching the mood collection)."""
+    return {
+        "commits": shape["commits"],
+        "records_per_commit": shape["records_per_commit"],
+        "firehose_commits": firehose_commits,
+        "firehose_records_per_commit": round(firehose_ops / firehose_commits, 2)
+        if firehose_commits
+        else None,
+        "shape": shape,
     }
 
 
@@ -169,7 +212,7 @@ async def purge(ctx: Ctx) -> dict[str, Any]:
     firehose = Firehose(ctx.pds_url)
     async with anyio.create_task_group() as tg:
         await tg.start(firehose.run)
-        proc = await ctx.replicator(db_name, "purge").start()
+        proc = await ctx.replicator(db_name, "purge", probe=True).start()
         try:
             await wait_stream_open(store, proc)
             await anyio.sleep(0.5)
@@ -203,8 +246,7 @@ async def purge(ctx: Ctx) -> dict[str, Any]:
         "records_per_s": round(n / seconds, 1),
         "delete_many_seconds": round(delete_s, 3),
         "ledger_settled_seconds": round(t_settled - t0, 3),
-        "commits": commits,
-        "records_per_commit": round(ops / commits, 2) if commits else None,
+        **_commits(commits, ops, summarize(proc.calls(), since=t0)),
         "cpu": cpu,
     }
 
@@ -220,11 +262,9 @@ async def backfill(ctx: Ctx) -> dict[str, Any]:
     out_path = ctx.work_dir / "backfill-summary.json"
     out_path.unlink(missing_ok=True)
     args = ["backfill", "--json"]  # --concurrency: REPLICATOR_CONCURRENCY when given
-    profile_to = None
-    if ctx.profile_dir is not None:
-        profile_to = ctx.profile_dir / "backfill-replicator.pyisession"
-    proc = ReplicatorProcess(ctx.env(db_name), ctx.work_dir / "backfill-replicator.log",
-                             args=args, stdout_path=out_path, profile_to=profile_to)  # fmt: skip
+    proc = ctx.replicator(db_name, "backfill", args=args, profile=ctx.profile_dir is not None,
+                          probe=True, stdout_path=out_path)  # fmt: skip
+    profile_to = proc.profile_to
     firehose = Firehose(ctx.pds_url)
     async with anyio.create_task_group() as tg:
         await tg.start(firehose.run)
@@ -248,7 +288,9 @@ async def backfill(ctx: Ctx) -> dict[str, Any]:
         await _render_pyinstrument(profile_to)
     summary = _read_json(out_path)
     if code not in (0, 1) or not summary:
-        raise RuntimeError(f"replicator backfill exited {code}; see {proc.log_path}")
+        failed = RuntimeError(f"replicator backfill exited {code}; see {proc.log_path}")
+        sent = _commits(firehose.commits, firehose.ops, summarize(proc.calls()))
+        raise Unfinished(failed, {"moods": n, "users": len(ctx.users), **sent, "cpu": cpu})
     seconds = float(summary["seconds"])
     return {
         "moods": n,
@@ -258,10 +300,7 @@ async def backfill(ctx: Ctx) -> dict[str, Any]:
         "wall_seconds": round(wall, 3),
         "written": summary["written"],
         "failed": summary["failed"],
-        "commits": firehose.commits,
-        "records_per_commit": round(firehose.ops / firehose.commits, 2)
-        if firehose.commits
-        else None,
+        **_commits(firehose.commits, firehose.ops, summarize(proc.calls())),
         "cpu": cpu,
     }
 
@@ -341,46 +380,44 @@ async def lag(ctx: Ctx) -> dict[str, Any]:
 async def backlog(ctx: Ctx) -> dict[str, Any]:
     n = ctx.sizes.backlog
     store = await prepare_db(ctx.client, ctx.db("backlog"), ctx.users)
-    # The checkpoint a stopped replicator would have left, and a stream that keeps the history.
-    held = await store.moods.watch(full_document="updateLookup", batch_size=1)
+    await save_current_position(store)  # the checkpoint a stopped replicator would have left
+    insert_s = 0.0
+    chunk = 10_000
+    for start in range(0, n, chunk):
+        docs = mood_docs(ctx.users, min(chunk, n - start), label=f"backlog {start}")
+        insert_s += await insert_docs(store, docs, chunk=1_000)
+        if start and start % 50_000 == 0:
+            ctx.say(f"    {start:,} backlog moods inserted")
+    ctx.say(f"    {n:,} moods inserted while stopped in {insert_s:.1f}s; starting it")
+    proc = await ctx.replicator(store.db.name, "backlog").start()
+    rss_samples: list[int] = []
     try:
-        token = held.resume_token
-        assert token is not None
-        await store.save_checkpoint(token, events_applied=0)
-        insert_s = 0.0
-        chunk = 10_000
-        for start in range(0, n, chunk):
-            docs = mood_docs(ctx.users, min(chunk, n - start), label=f"backlog {start}")
-            insert_s += await insert_docs(store, docs, chunk=1_000)
-            if start and start % 50_000 == 0:
-                ctx.say(f"    {start:,} backlog moods inserted")
-        ctx.say(f"    {n:,} moods inserted while stopped in {insert_s:.1f}s; starting it")
-        proc = await ctx.replicator(store.db.name, "backlog").start()
-        rss_samples: list[int] = []
-        try:
-            meter = ctx.meter(replicator=proc.pid)
-            cpu0 = meter.snapshot()
-            t0 = time.monotonic()
+        meter = ctx.meter(replicator=proc.pid)
+        cpu0 = meter.snapshot()
+        t0 = time.monotonic()
 
-            async def applied() -> int:
-                rss = proc.rss_kb()
-                if rss:
-                    rss_samples.append(rss)
-                doc = await store.load_checkpoint()
-                return int((doc or {}).get("events_applied", 0))
+        async def applied() -> int:
+            rss = proc.rss_kb()
+            if rss:
+                rss_samples.append(rss)
+            doc = await store.load_checkpoint() or {}
+            if doc.get("recovery"):  # the drain would be a reconcile of every user instead
+                raise RuntimeError(
+                    "not measured: the change stream's history was lost "
+                    f"(the oplog did not hold the backlog); see {proc.log_path}"
+                )
+            return int(doc.get("events_applied", 0))
 
-            # Each insert is followed by its own write-back update (`atproto.rkey`): 2 events.
-            events = await wait_progress(ctx, "backlog events applied", applied, 2 * n,
-                                         every=0.5, alive=proc.alive,
-                                         limit=ctx.sizes.backlog_seconds)  # fmt: skip
-            seconds = time.monotonic() - t0
-            cpu = CpuMeter.between(cpu0, meter.snapshot())
-            peak_kb = proc.peak_rss_kb() or 0
-            end_kb = proc.rss_kb() or 0
-        finally:
-            await proc.stop()
+        # Each insert is followed by its own write-back update (`atproto.rkey`): 2 events.
+        events = await wait_progress(ctx, "backlog events applied", applied, 2 * n,
+                                     every=0.5, alive=proc.alive,
+                                     limit=ctx.sizes.backlog_seconds)  # fmt: skip
+        seconds = time.monotonic() - t0
+        cpu = CpuMeter.between(cpu0, meter.snapshot())
+        peak_kb = proc.peak_rss_kb() or 0
+        end_kb = proc.rss_kb() or 0
     finally:
-        await held.close()
+        await proc.stop()
     present = await _present(store)
     caught_up = events >= 2 * n
     return {

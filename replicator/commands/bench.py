@@ -32,7 +32,8 @@ _NO_PDS = "http://no-pds.invalid"
     default="a,b,c",
     show_default=True,
     help="Comma-separated subset: a, b, c (= backfill, burst, purge, lag, backlog, "
-    "core), or any of those names; rss = backlog.",
+    "core), or any of those names; rss = backlog. The backfill and the burst always bring "
+    "their own (a) run at their commit shape.",
 )
 @click.option(
     "--users",
@@ -65,7 +66,8 @@ _NO_PDS = "http://no-pds.invalid"
     "--seconds",
     "capacity_seconds",
     type=click.FloatRange(1),
-    help="Duration of each PDS capacity run (a). [default: 20; quick 4]",
+    help="Duration of each PDS capacity run (a), at the burst's and the backfill's shapes "
+    "too. [default: 20; quick 4]",
 )
 @click.option(
     "--concurrency",
@@ -103,16 +105,18 @@ def bench(**kw: Any) -> None:
     Starts its own local stack (like `replicator dev`) unless MONGODB_CONNECTION_STRING /
     PDS_URL name servers, seeds users once, runs each measurement in a database of its own
     (dropped afterwards), prints one table with the ratios (c)/(a) and (c)/(b), and the CPU
-    each process used. A full run takes about 15-25 minutes on two cores.
+    each process used. The burst's and the backfill's commit shapes (records per commit,
+    repos in flight) are counted from the replicator's own PDS calls, and (a) is measured
+    again at each of them: the PDS's real limit for writes of that shape. `--quick` takes
+    about 4 minutes on two cores; a full run does about ten times the work.
     """  # fmt: skip
     import anyio
     from rich.console import Console
 
-    from ..bench.common import Sizes, dumps
+    from ..bench.common import BenchStack, Sizes, dumps, oplog_entries
     from ..bench.report import print_report
     from ..bench.runner import needs_pds, parse_only, run_bench
     from ..devstack.servers import state_dir
-    from ..devstack.stack import LocalStack
 
     try:
         only = parse_only(kw["only"])
@@ -128,11 +132,14 @@ def bench(**kw: Any) -> None:
     )  # fmt: skip
     code = _code_version()
     work_dir = state_dir() / "bench"
-    stack = LocalStack(
+    oplog = oplog_entries(sizes)
+    stack = BenchStack(
         mongodb_uri=kw["mongodb_uri"] or None,
         pds_url=kw["pds_url"] or (None if needs_pds(only) else _NO_PDS),
         pds_admin_password=os.environ.get("PDS_ADMIN_PASSWORD") or None,
+        plc_url=os.environ.get("REPLICATOR_PLC_URL") or None,
         state=work_dir / "stack",
+        mongo_args=("--oplog-max-entries", str(oplog)),
     )
     say = _say
     say("starting the local stack..." if stack.mongodb_uri is None or stack.pds_url is None
@@ -144,10 +151,12 @@ def bench(**kw: Any) -> None:
             "pds": stack.pds.child.pid if stack.pds and stack.pds.child else None,
         }
         stack_kind = {
-            "mongodb": "embedded nx-27017" if stack.mongo else "external",
+            "mongodb": "embedded SecantusDB" if stack.mongo else "external",
             "pds": ("embedded @atproto/dev-env" if stack.pds
                     else "none" if stack.pds_url == _NO_PDS else "external"),
         }  # fmt: skip
+        if stack.mongo:
+            stack_kind["oplog_entries"] = f"{oplog:,}"
         report = anyio.run(
             lambda: run_bench(
                 mongodb_uri=stack.mongodb_uri or "",
@@ -158,6 +167,7 @@ def bench(**kw: Any) -> None:
                 work_dir=work_dir,
                 server_pids=server_pids,
                 stack_kind=stack_kind,
+                plc_url=stack.plc_url,
                 profile_dir=kw["profile_dir"],
                 keep=kw["keep"],
                 say=say,
