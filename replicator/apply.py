@@ -221,7 +221,7 @@ class Applier:
         blocked = await self._blocked(live)
         sending = [p for p in live if p.writes and p.account and p.account.did not in blocked]
         pending = intents_for([m for p in sending for m in p.moods], before, generation)
-        await self.store.save_entries([*skipped, *pending.values()])
+        await self.store.save_entries([*skipped, *pending.values()], fresh=pending.keys() - before)
         if pending:
             crashpoints.hit("intent")
         results: dict[int, LaneResult] = {}

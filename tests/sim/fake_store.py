@@ -13,7 +13,7 @@ core reads back is exactly what it would read from MongoDB.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -152,7 +152,10 @@ class FakeStore:
 
         return await self._io("rkey_owners", op)
 
-    async def save_entries(self, entries: Sequence[LedgerEntry]) -> None:
+    async def save_entries(
+        self, entries: Sequence[LedgerEntry], *, fresh: Collection[ObjectId] = ()
+    ) -> None:
+        """`fresh` changes how MongoDB is asked, not what ends stored: ignored here."""
         if not entries:
             return
         self.fence.check()
