@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -27,12 +26,13 @@ from replicator.devstack.procs import free_port
 from replicator.devstack.seed import create_account
 from replicator.devstack.servers import EmbeddedMongo
 from replicator.devstack.stack import LocalStack
-from replicator.lexicon import LEXICON_DIR, load_lexicons
+from replicator.lexicon import load_lexicons
 from replicator.pds import Pds
 from replicator.runtime import Runtime
 from replicator.store import Store
 
 from .conftest import Users, env_for
+from .harness import changed_lexicons
 
 pytestmark = pytest.mark.anyio
 
@@ -193,12 +193,7 @@ async def test_lexicon_not_published_or_different_fails(
     assert "not published: computer.aesthetic.mood" in lexicon["detail"]
     assert "replicator lexicon publish" in lexicon["fix"]
 
-    changed = tmp_path / "lexicons"
-    shutil.copytree(LEXICON_DIR, changed)
-    path = changed / "computer/aesthetic/mood.json"
-    doc = json.loads(path.read_text())
-    doc["defs"]["main"]["description"] = "Not what was published."
-    path.write_text(json.dumps(doc))
+    changed = changed_lexicons(tmp_path, "Not what was published.")
     got = run_check(
         env, "--outage-hours", "0", "--lexicon-identifier", authority, "--lexicons", str(changed)
     )
