@@ -116,7 +116,7 @@ def judge_preimages(options: Mapping[str, Any] | None, moods: str) -> Result:
         return ok(name, f"enabled on {moods}")
     return warn(
         name,
-        f"off on {moods} (advised: deletes of moods the ledger never knew find their user)",
+        f"off on {moods} (advised: a delete of a mood the ledger never knew then names its user)",
         PREIMAGES_FIX.format(moods=moods),
     )
 
@@ -135,6 +135,10 @@ def token_time(token: Mapping[str, Any] | None) -> float | None:
     if raw[0] != _KEYSTRING_TIMESTAMP:
         return None
     return float(int.from_bytes(raw[1:5], "big"))
+
+
+def _span(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if abs(hours) < 1 else f"{hours:.1f} h"
 
 
 def judge_oplog(
@@ -163,7 +167,7 @@ def judge_oplog(
     if first_entry_at is None:
         return warn(name, "not checked: local.oplog.rs is empty or absent", sizing)
     window_h = max(0.0, now - first_entry_at) / 3600
-    window = f"the oplog reaches back {window_h:.1f} h"
+    window = f"the oplog reaches back {_span(window_h)}"
     if checkpoint_at is None:
         if window_h < outage_hours:
             return warn(
@@ -174,7 +178,7 @@ def judge_oplog(
         return ok(name, f"{window}; no checkpoint yet")
     age_h = max(0.0, now - checkpoint_at) / 3600
     left_h = (checkpoint_at - first_entry_at) / 3600
-    seen = f"{window}; the checkpoint ({checkpoint_source}) is {age_h:.1f} h old"
+    seen = f"{window}; the checkpoint ({checkpoint_source}) is {_span(age_h)} old"
     if left_h < 0:
         return fail(
             name,
@@ -182,7 +186,7 @@ def judge_oplog(
             "`replicator run` will reconcile every user (or exit 3 with "
             "--on-history-lost=fail); then size the oplog: " + sizing,
         )
-    detail = f"{seen}: {left_h:.1f} h left before it falls out of history"
+    detail = f"{seen}: {_span(left_h)} left before it falls out of history"
     if left_h < outage_hours:
         return warn(name, f"{detail}, less than --outage-hours {outage_hours:g}", sizing)
     return ok(name, detail)

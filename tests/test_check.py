@@ -5,6 +5,7 @@ important check, and MongoDB users without the privileges (a server of its own, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -139,6 +140,40 @@ async def test_unreachable_pds_fails_and_skips_what_needs_it(rt: Runtime) -> Non
     assert "PDS_URL" in got.checks["pds"]["fix"]
     assert "accounts" not in got.checks and "lexicon" not in got.checks
     assert all(got.status(n) == "ok" for n in MONGO_CHECKS)
+    text = subprocess.run(
+        [sys.executable, "-m", "replicator.cli", "check", "--outage-hours", "0"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert text.returncode == 1
+    lines = text.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("fail  pds"))
+    assert lines[at + 1].strip().startswith("fix: check PDS_URL")
+    assert lines[-1].startswith("some checks failed")
+
+
+def test_without_settings_it_is_a_usage_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_CONNECTION_STRING", "PDS_URL")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "replicator.cli", "check"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "MONGODB_CONNECTION_STRING" in proc.stderr
+
+
+async def test_a_rejected_stored_session_is_renewed(rt: Runtime, users: Users) -> None:
+    await moods_with_preimages(rt.store)
+    user = await users.make()
+    env = env_for(rt.settings)
+    assert run_check(env, "--outage-hours", "0").status("accounts") == "ok"
+    first = await rt.store.sessions.find_one({"_id": user.did})
+    assert first
+    await rt.store.sessions.update_one({"_id": user.did}, {"$set": {"access": "not-a-token"}})
+    got = run_check(env, "--outage-hours", "0")
+    assert got.status("accounts") == "ok", got.checks["accounts"]
+    renewed = await rt.store.sessions.find_one({"_id": user.did})
+    assert renewed and renewed["access"] not in ("not-a-token", first["access"])
+    assert "not-a-token" not in got.stdout + got.stderr
 
 
 async def test_no_preimages_and_no_lexicon_authority_are_only_warnings(rt: Runtime) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+from replicator.errors import AuthFailed, Transient
 from replicator.preflight import (
     Result,
     exit_code,
@@ -22,6 +25,7 @@ from replicator.preflight import (
     token_time,
     warn,
 )
+from replicator.probes import mongo_error, pds_error
 
 HOUR = 3600.0
 NOW = 1_800_000_000.0
@@ -64,6 +68,9 @@ def test_oplog_short_window_warns_and_lost_checkpoint_fails() -> None:
     lost = judge_oplog(NOW - 5 * HOUR, NOW, NOW - 6 * HOUR, "x", 24)
     assert lost.status == "fail" and "already out of history" in lost.detail
     assert judge_oplog(NOW - 5 * HOUR, NOW, None, "", 1).status == "ok"
+    fresh = judge_oplog(NOW - 0.25 * HOUR, NOW, NOW - 60, "x", 0)
+    assert fresh.status == "ok" and "reaches back 15 min" in fresh.detail
+    assert "1 min old: 14 min left" in fresh.detail
     assert judge_oplog(NOW - 5 * HOUR, NOW, None, "", 24).status == "warn"
     refused = judge_oplog(None, NOW, None, "", 24, error="Unauthorized: not authorized")
     assert refused.status == "warn" and "local.oplog.rs" in (refused.fix or "")
@@ -132,3 +139,15 @@ def test_render_gives_the_fix_under_what_is_not_ok_and_masks_secrets() -> None:
     assert payload["ok"] is False
     assert [c["status"] for c in payload["checks"]] == ["ok", "fail", "warn"]
     assert "hunter2" not in json.dumps(payload)
+
+
+def test_errors_are_one_short_line_without_secrets() -> None:
+    refused = OperationFailure("x", 13, {"codeName": "Unauthorized", "errmsg": "not authorized"})
+    assert mongo_error(refused) == "Unauthorized: not authorized"
+    timeout = ServerSelectionTimeoutError("db:27017: [Errno 111] refused, Timeout: 10s, ...")
+    assert mongo_error(timeout) == "ServerSelectionTimeoutError: db:27017: [Errno 111] refused"
+    login = AuthFailed("com.atproto.server.createSession", 401, "AuthenticationRequired",
+                       'Invalid identifier or password "hunter2"')  # fmt: skip
+    assert pds_error(login) == "the PDS refused its credentials (AuthenticationRequired)"
+    down = Transient("_health", 0, "ConnectError", "All connection attempts failed")
+    assert pds_error(down) == "ConnectError: All connection attempts failed"
