@@ -284,7 +284,10 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer
     """Users are created without auth, then the server restarts with --auth (secantusd-py)."""
     mongo = EmbeddedMongo(tmp_path_factory.mktemp("auth-mongo")).start()
     try:
-        passwords = {u: f"{u}-{secrets.token_hex(8)}" for u in ("root", "rep", "ro", "narrow")}
+        passwords = {
+            u: f"{u}-{secrets.token_hex(8)}"
+            for u in ("root", "rep", "ro", "narrow", "noupdate", "elsewhere")
+        }
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
         db = client[DB]
         db.create_collection("moods", changeStreamPreAndPostImages={"enabled": True})
@@ -298,9 +301,21 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer
         narrow = [p for p in role["privileges"]
                   if p["resource"]["collection"] not in ("users", "@handles")]  # fmt: skip
         db.command("createRole", "withoutUsers", privileges=narrow, roles=[])
+        # The documented role without its write actions (action level; on every collection,
+        # as a server that ignores a privilege's collection would otherwise grant them).
+        writes = ("update", "createIndex", "insert", "remove")
+        fewer = [{**p, "actions": [a for a in p["actions"] if a not in writes]}
+                 for p in role["privileges"]]  # fmt: skip
+        db.command("createRole", "withoutWrites", privileges=fewer, roles=[])
+        # Everything, on another database (database level).
+        elsewhere = [{**p, "resource": {**p["resource"], "db": "another"}}
+                     for p in role["privileges"] if p["resource"]["db"] == DB]  # fmt: skip
+        db.command("createRole", "elsewhere", privileges=elsewhere, roles=[])
         db.command("createUser", "rep", pwd=passwords["rep"], roles=[role["role"]])
         db.command("createUser", "ro", pwd=passwords["ro"], roles=[{"role": "read", "db": DB}])
         db.command("createUser", "narrow", pwd=passwords["narrow"], roles=["withoutUsers"])
+        db.command("createUser", "noupdate", pwd=passwords["noupdate"], roles=["withoutWrites"])
+        db.command("createUser", "elsewhere", pwd=passwords["elsewhere"], roles=["elsewhere"])
         client.close()
         mongo.stop()
         mongo.extra_args = ("--auth",)
@@ -368,6 +383,29 @@ def test_a_read_only_user_fails_the_writes(settings: Settings, auth_server: Auth
     assert "createIndex({user: 1})" in got.checks["index moods.user"]["fix"]
     assert got.status("oplog window") == "warn"  # `read` on the app's database excludes local
     assert "local.oplog.rs" in got.checks["oplog window"]["fix"]
+
+
+def test_a_custom_role_without_writes_fails_exactly_those(
+    settings: Settings, auth_server: AuthServer
+) -> None:
+    without_user_index(auth_server)
+    got = check_as(settings, auth_server, "noupdate")
+    assert got.code == 1
+    failed = {n for n in MONGO_CHECKS if got.status(n) != "ok"}
+    assert failed == {"update moods", "index moods.user", "readWrite replicator_*"}, got.checks
+    assert "insert in replicator_preflight" in got.checks["readWrite replicator_*"]["detail"]
+
+
+def test_a_role_on_another_database_grants_nothing_here(
+    settings: Settings, auth_server: AuthServer
+) -> None:
+    got = check_as(settings, auth_server, "elsewhere")
+    assert got.code == 1
+    assert got.status("mongodb") == "ok"  # authenticated: `hello` needs no privilege
+    refused = [n for n in MONGO_CHECKS if n not in ("mongodb", "clock", "oplog window")]
+    refused.remove("index moods.user")  # not reached: listCollections is refused first
+    for name in refused:
+        assert got.status(name) == "fail", got.checks[name]
 
 
 def test_a_wrong_mongodb_password_is_one_failure(
