@@ -2,7 +2,7 @@
 
 A reader of a fresh clone (or of the repository on GitHub) must never land on a missing file,
 a missing heading, or a machine-local path; and the README, the first page anyone reads,
-links only inside the repository.
+links only inside the repository. And the deploy guide's manifests agree with the process.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
+
+from replicator.config import Settings
+from replicator.health import DEFAULT_HTTP_ADDR
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -75,3 +79,24 @@ def test_every_relative_link_resolves(page: Path) -> None:
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{target}: no heading #{anchor} in {resolved.relative_to(ROOT)}")
     assert broken == []
+
+
+def test_the_deploy_guides_manifests_match_the_process() -> None:
+    """The Kubernetes Deployment in docs/deploy.md: probes on the endpoints `run` serves, and
+    time enough for a SIGTERM (the batch abandoned after `shutdown_grace`, then at most
+    `shutdown_grace` + 5 s more to close: `cli._exit_within`)."""
+    text = (ROOT / "docs/deploy.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
+    (deployment,) = [b for b in blocks if b.get("kind") == "Deployment"]
+    spec = deployment["spec"]
+    assert spec["strategy"]["type"] == "Recreate" and spec["replicas"] == 1
+    pod = spec["template"]["spec"]
+    abandon = Settings(mongodb_uri="mongodb://x").shutdown_grace  # then the hard-exit timer:
+    closing = abandon + 5.0  # `cli._exit_within(settings.shutdown_grace + 5.0, ...)`
+    assert pod["terminationGracePeriodSeconds"] > abandon + closing
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["ports"][0]["containerPort"] == int(DEFAULT_HTTP_ADDR.rsplit(":", 1)[1])
+    (compose,) = [b for b in blocks if "services" in b]
+    assert compose["services"]["replicator"]["stop_grace_period"] == "30s"
