@@ -72,15 +72,15 @@ async def run_checks(
     pds = Pds(settings.pds_url, timeout=PDS_TIMEOUT, retry_timeout=PDS_TIMEOUT)
     try:
         store = Store(client, settings.db_name, settings.names)
-        reached = await check_mongo(store, settings.mongodb_uri)
+        reached, answered = await check_mongo(store, settings.mongodb_uri)
         results += reached
-        if reached[0].status != "fail":
+        if answered:  # a standalone server too: what it refuses besides streams is worth seeing
             results += await check_privileges(store)
             results.append(await check_oplog(store, outage_hours))
         pds_result = await check_pds(pds)
         results.append(pds_result)
         if pds_result.status != "fail":
-            if reached[0].status != "fail":
+            if answered:
                 results.append(await check_accounts(store, pds, sample_accounts))
             results.append(await check_lexicons(pds, lexicon_identifier, lexicon_dir))
     finally:
@@ -92,8 +92,8 @@ async def run_checks(
 # -- MongoDB ------------------------------------------------------------------------------------
 
 
-async def check_mongo(store: Store, uri: str) -> list[Result]:
-    """Reachable, a replica set, and its clock: one `hello`."""
+async def check_mongo(store: Store, uri: str) -> tuple[list[Result], bool]:
+    """Reachable, a replica set, and its clock: one `hello`. True if the server answered."""
     sent = time.time()
     try:
         hello = await store.client.admin.command("hello")
@@ -105,13 +105,13 @@ async def check_mongo(store: Store, uri: str) -> list[Result]:
                 "check MONGODB_CONNECTION_STRING / --mongodb-uri: host, port, user and password, "
                 "TLS, and that this host may connect (Atlas: the IP access list)",
             )
-        ]
+        ], False
     received = time.time()
     results = [judge.judge_replica_set(hello)]
     local_time = hello.get("localTime")
     if local_time is not None:
         results.append(judge.judge_clock(local_time.timestamp(), sent, received))
-    return results
+    return results, True
 
 
 async def _attempt(

@@ -254,6 +254,21 @@ async def test_a_checkpoint_older_than_the_oplog_fails(rt: Runtime) -> None:
     assert "the time it was saved" in got.checks["oplog window"]["detail"]
 
 
+def test_a_standalone_server_is_not_enough(settings: Settings, tmp_path: Path) -> None:
+    mongo = EmbeddedMongo(tmp_path / "standalone", extra_args=("--standalone",)).start()
+    try:
+        env = env_for(settings)
+        env.update(MONGODB_CONNECTION_STRING=mongo.uri)
+        got = run_check(env, "--outage-hours", "0")
+    finally:
+        mongo.stop()
+    assert got.code == 1
+    mongodb = got.checks["mongodb"]
+    assert mongodb["status"] == "fail" and "not a replica set" in mongodb["detail"]
+    assert "--replSet" in mongodb["fix"]
+    assert "find moods" in got.checks  # it answered: the rest is still tried
+
+
 # -- MongoDB users without the privileges: a server of its own, with --auth --------------------
 
 DB = "aesthetic_auth"
