@@ -254,6 +254,24 @@ async def test_a_checkpoint_older_than_the_oplog_fails(rt: Runtime) -> None:
     assert "the time it was saved" in got.checks["oplog window"]["detail"]
 
 
+def test_an_unreachable_mongodb_is_one_failure(settings: Settings) -> None:
+    env = env_for(settings)
+    secret = f"pw-{secrets.token_hex(6)}"
+    port = free_port()
+    env.update(
+        MONGODB_CONNECTION_STRING=f"mongodb://rep:{secret}@127.0.0.1:{port}/?directConnection=true"
+    )
+    got = run_check(env, "--outage-hours", "0")
+    assert got.code == 1
+    mongodb = got.checks["mongodb"]
+    assert mongodb["status"] == "fail"
+    assert f"mongodb://rep:***@127.0.0.1:{port}" in mongodb["detail"]
+    assert "MONGODB_CONNECTION_STRING" in mongodb["fix"]
+    assert secret not in got.stdout + got.stderr
+    assert not any(n in got.checks for n in MONGO_CHECKS[1:])
+    assert "pds" in got.checks  # the PDS is still checked
+
+
 def test_a_standalone_server_is_not_enough(settings: Settings, tmp_path: Path) -> None:
     mongo = EmbeddedMongo(tmp_path / "standalone", extra_args=("--standalone",)).start()
     try:
