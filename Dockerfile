@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The replicator: slim and non-root.   docker build -t moods-replicator .
+# The replicator: slim and non-root.   docker build --target runtime -t moods-replicator .
+# (--target matters: the last stage below is `devpds`, which a plain build would produce).
 # Also a `devpds` target: the reference PDS + an in-memory PLC (@atproto/dev-env), for local
 # use with compose.yaml only (test accounts, data gone on restart). Never for production.
 

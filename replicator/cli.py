@@ -21,6 +21,7 @@ from loguru import logger
 
 from . import health, logs
 from .commands.backfill import audit_command, backfill
+from .commands.check import check
 from .commands.common import connection_options, settings_from
 from .commands.dlq import dlq
 from .commands.lexicon import lexicon
@@ -54,6 +55,7 @@ main.add_command(backfill)
 main.add_command(audit_command)
 main.add_command(status)
 main.add_command(dlq)
+main.add_command(check)
 
 from .commands.bench import bench  # noqa: E402  (lean: the bench loads its modules when run)
 

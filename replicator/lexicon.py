@@ -39,15 +39,19 @@ from lexrpc.base import NSID_RE, Base, ValidationError
 __all__ = [
     "LEXICON_DIR",
     "MOOD_NSID",
+    "SCHEMA_NSID",
     "LexiconError",
     "lexicon_files",
     "load_lexicon_file",
     "load_lexicons",
+    "schema_record",
     "validate_lexicon",
     "validate_record",
 ]
 
 MOOD_NSID = "computer.aesthetic.mood"
+# How a lexicon is published: a record of this type in its authority's repo, rkey = its NSID.
+SCHEMA_NSID = "com.atproto.lexicon.schema"
 
 # The lexicons live beside the package rather than inside it: they are the protocol
 # contract, published and reviewed on their own, not an implementation detail.
@@ -115,6 +119,12 @@ def load_lexicons(directory: Path | None = None) -> list[dict[str, Any]]:
         seen[nsid] = path
         docs.append(doc)
     return docs
+
+
+def schema_record(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The `com.atproto.lexicon.schema` record that publishes `doc`: what `lexicon publish`
+    writes and what `check` expects to read back, so the two can never disagree."""
+    return {"$type": SCHEMA_NSID, **doc}
 
 
 def validate_lexicon(doc: Any) -> None:

@@ -216,6 +216,20 @@ class Pds:
             lambda: self.xrpc("com.atproto.sync.getRepoStatus", params={"did": did})
         )
 
+    async def get_record(self, repo: str, collection: str, rkey: str) -> dict[str, Any] | None:
+        """A record's value, or None when the repo has no such record (`repo`: DID or handle)."""
+        params = {"repo": repo, "collection": collection, "rkey": rkey}
+        try:
+            out = await self.retrying(
+                lambda: self.xrpc("com.atproto.repo.getRecord", params=params)
+            )
+        except PdsError as exc:
+            if exc.status == 400 and exc.error == "RecordNotFound":
+                return None
+            raise
+        value = out.get("value")
+        return dict(value) if isinstance(value, dict) else None
+
     async def health(self) -> dict[str, Any]:
         """`/xrpc/_health`: `{version}` on the reference PDS."""
         return await self.xrpc("_health")

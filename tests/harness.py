@@ -3,9 +3,12 @@ the PDS as any client would, and state what the PDS must hold (computed from Mon
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +16,7 @@ import httpx
 
 from replicator.desired import desired_state
 from replicator.devstack.observe import listed_records
+from replicator.lexicon import LEXICON_DIR
 from replicator.model import State
 from replicator.runtime import Runtime
 from replicator.store import Store
@@ -142,3 +146,15 @@ async def tally(store: Store, pds_url: str, sub: str, did: str) -> dict[str, lis
 
 def figures(t: dict[str, list[str]]) -> str:
     return ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in t.items())
+
+
+def changed_lexicons(tmp_path: Path, description: str) -> Path:
+    """A copy of lexicons/ whose mood lexicon has another description: a lexicon that differs
+    from the published one."""
+    changed = tmp_path / "lexicons"
+    shutil.copytree(LEXICON_DIR, changed)
+    path = changed / "computer/aesthetic/mood.json"
+    doc = json.loads(path.read_text())
+    doc["defs"]["main"]["description"] = description
+    path.write_text(json.dumps(doc))
+    return changed

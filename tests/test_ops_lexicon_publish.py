@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from replicator.commands.lexicon import SCHEMA_NSID, lexicon
 from replicator.devstack.seed import create_account
 from replicator.devstack.stack import LocalStack
 from replicator.lexicon import LEXICON_DIR
+
+from .harness import changed_lexicons
 
 
 @pytest.fixture
@@ -70,12 +71,7 @@ def test_publish_is_idempotent_and_updates_a_changed_lexicon(
     assert "_lexicon.aesthetic.computer" in again.output
     assert get_record(pds_url, did, "computer.aesthetic.mood")["cid"] == cid  # no new write
 
-    changed = tmp_path / "lexicons"
-    shutil.copytree(LEXICON_DIR, changed)
-    path = changed / "computer/aesthetic/mood.json"
-    doc = json.loads(path.read_text())
-    doc["defs"]["main"]["description"] = "A mood, described anew."
-    path.write_text(json.dumps(doc))
+    changed = changed_lexicons(tmp_path, "A mood, described anew.")
     dry = publish(authority, "--lexicons", str(changed), "--dry-run")
     assert dry.exit_code == 0 and dry.output.startswith("would update"), dry.output
     assert get_record(pds_url, did, "computer.aesthetic.mood")["cid"] == cid

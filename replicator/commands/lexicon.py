@@ -20,21 +20,22 @@ import click
 from replicator.errors import Rejected, TokenRejected
 from replicator.lexicon import (
     LEXICON_DIR,
+    SCHEMA_NSID,
     LexiconError,
     lexicon_files,
     load_lexicons,
+    schema_record,
     validate_lexicon,
     validate_record,
 )
 from replicator.logs import redact
 from replicator.pds import Pds, XrpcError
 
-SCHEMA_NSID = "com.atproto.lexicon.schema"
 SCHEMA_LOGIN = "com.atproto.server.createSession"
 # A command, not the sidecar: give up on a PDS that stays unreachable.
 PUBLISH_RETRY_TIMEOUT = 60.0
 
-__all__ = ["lexicon"]
+__all__ = ["SCHEMA_NSID", "lexicon"]
 
 
 class _EnvironmentError(click.ClickException):
@@ -334,8 +335,8 @@ async def publish_lexicons(
     results = []
     for doc in sorted(docs, key=lambda d: str(d["id"])):
         nsid = str(doc["id"])
-        record = {"$type": SCHEMA_NSID, **doc}
-        current = await _get_record(pds, did, nsid)
+        record = schema_record(doc)
+        current = await pds.get_record(did, SCHEMA_NSID, nsid)
         uri = f"at://{did}/{SCHEMA_NSID}/{nsid}"
         if current == record:
             action = "unchanged"
@@ -350,18 +351,6 @@ async def publish_lexicons(
                 )
         results.append(Published(nsid, action, uri, _dns_record(nsid, did)))
     return results
-
-
-async def _get_record(pds: Pds, did: str, nsid: str) -> dict[str, Any] | None:
-    params = {"repo": did, "collection": SCHEMA_NSID, "rkey": nsid}
-    try:
-        out = await pds.retrying(lambda: pds.xrpc("com.atproto.repo.getRecord", params=params))
-    except XrpcError as exc:
-        if exc.status == 400 and exc.error == "RecordNotFound":
-            return None
-        raise
-    value = out.get("value")
-    return dict(value) if isinstance(value, dict) else None
 
 
 def _dns_record(nsid: str, did: str) -> str:
