@@ -41,6 +41,7 @@ from .stream import Replicator
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:9464"
 TICK_SECONDS = 1.0
+DEFAULT_INTERVAL = 10.0  # seconds between monitor rounds: PDS probe, gauges, stats flush
 
 StartResponse = Callable[..., Any]
 
@@ -66,7 +67,7 @@ class Monitor:
         rt: Runtime,
         replicator: Replicator,
         *,
-        interval: float = 10.0,
+        interval: float = DEFAULT_INTERVAL,
         checkpoint_max_age: float | None = None,
     ) -> None:
         self.rt = rt
@@ -79,6 +80,7 @@ class Monitor:
         self.loop_tick = time.monotonic()
         self.pds_ok_at: float | None = None
         self.pds_error: str | None = "not probed yet"
+        self._pds_warned = False  # the PDS's absence was logged; said again when it is back
         self._budget_waited = 0.0
 
     # -- read by the gauges and the HTTP thread ----------------------------------------------
@@ -182,9 +184,17 @@ class Monitor:
             with anyio.fail_after(5):
                 await self.rt.pds.xrpc("_health")
         except (XrpcError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+            if not self._pds_warned:  # once per outage (at start too), not every 10 s
+                logger.warning("PDS {} unreachable ({}): writes wait and are retried; check "
+                               "PDS_URL and that the PDS is up", self.rt.settings.pds_url,
+                               str(exc) or "no answer within 5s")  # fmt: skip
+                self._pds_warned = True
             self.pds_error = str(exc) or "no answer within 5s"
             metrics.PDS_UP.set(0)
             return
+        if self._pds_warned:
+            logger.info("PDS {} reachable again", self.rt.settings.pds_url)
+        self._pds_warned = False
         self.pds_ok_at = time.monotonic()
         self.pds_error = None
         metrics.PDS_UP.set(1)
@@ -268,7 +278,7 @@ async def serve(
     rt: Runtime,
     replicator: Replicator,
     *,
-    interval: float = 10.0,
+    interval: float = DEFAULT_INTERVAL,
     task_status: TaskStatus[HttpServer | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the monitor and, unless `http_addr` is off, the HTTP server, until cancelled.

@@ -37,6 +37,22 @@ def redact(text: str) -> str:
     return _SECRET_PATTERNS[2].sub(r"\1***\3", text)
 
 
+def redact_uri(uri: str) -> str:
+    """`mongodb://user:secret@host` → `mongodb://user:***@host`, for logs and errors.
+
+    Also without a scheme (a mistyped setting is echoed back) and with an unencoded `/` or
+    `@` in the password: everything up to the last `@` before the query counts as credentials.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    creds, at, _ = rest.split("?", 1)[0].rpartition("@")
+    if not at:
+        return uri
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{rest[len(creds) + 1 :]}"
+
+
 def _patch(record: Any) -> None:
     record["message"] = redact(record["message"])
     if record["exception"] is not None:

@@ -17,7 +17,7 @@ from .lease import Fence, Lease
 from .pds import Pds
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
-from .store import Store, connect
+from .store import Store, open_client
 from .stream import Replicator
 from .writer import RepoWriter
 
@@ -59,45 +59,44 @@ async def open_runtime(
     """`http` replaces the PDS connection pool (fault-injection tests wrap its transport).
     `lease`: this process will hold the lease (`replicator run`) and fences every write with
     it; otherwise writes carry the lease generation current when the runtime opens."""
-    client = connect(settings.mongodb_uri)
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
     )  # fmt: skip
     plc = httpx.AsyncClient(timeout=10.0)
     try:
-        store = Store(client, settings.db_name, settings.names)
-        if settings.dry_run:
-            store.checkpoint_name += ":dry-run"
-        await store.ensure_indexes()
-        keeper = None
-        if (
-            lease and not settings.dry_run
-        ):  # a shadow (dry-run) replicator never blocks the real one
-            keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
-            store.fence = pds.fence = keeper
-        else:
-            store.fence = pds.fence = Fence(await current_generation(store, settings))
-        sessions = SessionPool(pds, store)
-        writer = RepoWriter(sessions)
-        gate = AccountGate(
-            store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
-            recheck_seconds=settings.account_recheck_seconds,
-        )  # fmt: skip
-        applier = Applier(
-            store,
-            writer,
-            gate=gate,
-            concurrency=settings.concurrency,
-            dry_run=settings.dry_run,
-            only_users=await resolve_allowlist(store, settings.only_users),
-            lane_deadline=settings.lane_deadline,
-        )
-        yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
+        async with open_client(settings.mongodb_uri) as client:
+            store = Store(client, settings.db_name, settings.names)
+            if settings.dry_run:
+                store.checkpoint_name += ":dry-run"
+            await store.ensure_indexes(create_app_indexes=settings.create_indexes)
+            keeper = None
+            if (
+                lease and not settings.dry_run
+            ):  # a shadow (dry-run) replicator never blocks the real one
+                keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
+                store.fence = pds.fence = keeper
+            else:
+                store.fence = pds.fence = Fence(await current_generation(store, settings))
+            sessions = SessionPool(pds, store)
+            writer = RepoWriter(sessions)
+            gate = AccountGate(
+                store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
+                recheck_seconds=settings.account_recheck_seconds,
+            )  # fmt: skip
+            applier = Applier(
+                store,
+                writer,
+                gate=gate,
+                concurrency=settings.concurrency,
+                dry_run=settings.dry_run,
+                only_users=await resolve_allowlist(store, settings.only_users),
+                lane_deadline=settings.lane_deadline,
+            )
+            yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
     finally:
         await plc.aclose()
         await pds.aclose()
-        await client.close()
 
 
 def lease_name(settings: Settings) -> str:

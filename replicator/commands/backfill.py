@@ -41,7 +41,7 @@ def backfill(**kw: Any) -> None:
     Adopts records the old inline writer made (found by `ref` or legacy `mongoId`), keeps each
     mood's `atproto.rkey`, reports duplicates and orphans (removes them with --fix).
     Interrupted (Ctrl-C, kill -9), it resumes where it stopped when run again.
-    Exit: 0 done, 1 some moods failed or were parked, 2 error, 130 interrupted.
+    Exit: 0 done, 1 some moods failed or were parked, 2 usage or error, 130 interrupted.
     """  # fmt: skip
     settings = settings_from(kw, dry_run=kw["dry_run"])
     try:
@@ -81,16 +81,13 @@ def audit_command(**kw: Any) -> None:
     Divergences: records missing, content mismatches, duplicates, orphans (no live mood),
     stale records of deleted moods, an out-of-date ledger. Also reported: moods whose user has
     no account, moods that cannot become a valid record (with the reason), dead letters.
-    Exit: 0 in sync, 1 divergent, 2 error. Fit for cron and CI.
+    Exit: 0 in sync, 1 divergent, 2 usage or error. Fit for cron and CI.
     """  # fmt: skip
     settings = settings_from(kw)
     try:
         summary = anyio.run(_audit, settings, kw)
     except LookupError as exc:
         raise click.UsageError(str(exc)) from None
-    except Exception as exc:
-        click.echo(f"audit failed: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2)
     emit(summary, as_json=kw["as_json"], title="audit")
     sys.exit(0 if summary["in_sync"] else 1)
 

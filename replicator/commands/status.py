@@ -12,7 +12,6 @@ writes nothing and needs no PDS credentials.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,14 +20,12 @@ import anyio
 import click
 import httpx
 from pymongo import DESCENDING
-from pymongo.errors import PyMongoError
 
 from .. import metrics
 from ..accounts import ParkedAccount
-from ..config import redact_uri
 from ..logs import redact
-from ..store import Names, Store, connect
-from .common import connection_options
+from ..store import Names, Store, open_client
+from .common import connection_options, mongo_from, pds_url_from
 
 __all__ = ["gather", "status"]
 
@@ -40,25 +37,16 @@ def status(as_json: bool, **kw: Any) -> None:
     """Checkpoint, lag, ledger, dead letters, last error, lease, parked accounts, launch.
 
     Read-only, from Mongo (PDS_URL, when set, is only probed for reachability).
-    Exit: 0 shown, 1 MongoDB unreachable.
+    Exit: 0 shown, 1 MongoDB unreachable, 2 usage.
     """
-    if not kw.get("mongodb_uri"):
-        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
-    try:
-        report = anyio.run(_gather, kw["mongodb_uri"], kw["db_name"], names, kw.get("pds_url"))
-    except PyMongoError as exc:
-        click.echo(f"MongoDB {redact_uri(kw['mongodb_uri'])}: {redact(str(exc))}", err=True)
-        sys.exit(1)
+    uri, names = mongo_from(kw)
+    report = anyio.run(_gather, uri, kw["db_name"], names, pds_url_from(kw))
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
 
 
 async def _gather(uri: str, db: str, names: Names, pds_url: str | None) -> dict[str, Any]:
-    client = connect(uri)
-    try:
+    async with open_client(uri) as client:
         return await gather(Store(client, db, names), pds_url)
-    finally:
-        await client.close()
 
 
 async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
