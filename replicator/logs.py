@@ -73,10 +73,11 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     if fmt == "json":
         logger.add(sys.stderr, level=level, serialize=True)
     else:
-        logger.add(
-            sys.stderr,
-            level=level,
-            colorize=sys.stderr.isatty(),
-            format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <8}</level> "
-            "{message} <dim>{extra}</dim>",
-        )
+        logger.add(sys.stderr, level=level, colorize=sys.stderr.isatty(), format=_text_format)
+
+
+def _text_format(record: Any) -> str:
+    """The bound fields (mood id, DID, error) after the message, and nothing when there are
+    none (not an empty ` {}` on every line)."""
+    extra = " <dim>{extra}</dim>" if record["extra"] else ""
+    return "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <8}</level> {message}" + extra + "\n"
