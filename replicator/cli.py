@@ -23,7 +23,7 @@ from loguru import logger
 
 from . import health, logs
 from .commands.backfill import audit_command, backfill
-from .commands.common import connection_options, settings_from
+from .commands.common import connection_options, index_option, settings_from
 from .commands.dlq import dlq
 from .commands.errors import Group
 from .commands.lexicon import lexicon
@@ -123,6 +123,7 @@ def run_options(fn: F) -> F:
 @main.command()
 @connection_options
 @run_options
+@index_option
 def run(**kw: Any) -> None:
     """Tail the moods change stream and mirror every change into the PDS (the sidecar).
 

@@ -13,7 +13,7 @@ from ..audit import audit
 from ..backfill import Backfill, users_in_scope
 from ..ratelimit import TokenBucket
 from ..runtime import open_runtime
-from .common import connection_options, settings_from
+from .common import connection_options, index_option, settings_from
 from .report import emit, progress_reporter
 
 # Command-line tools give up on a PDS that stays unreachable, rather than hang like the sidecar.
@@ -22,6 +22,7 @@ CLI_RETRY_TIMEOUT = 120.0
 
 @click.command()
 @connection_options
+@index_option
 @click.option(
     "--user",
     "users",
@@ -69,6 +70,7 @@ async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
 
 @click.command(name="audit")
 @connection_options
+@index_option
 @click.option(
     "--user", "users", multiple=True, metavar="SUB|@HANDLE", help="Only this user (repeatable)."
 )

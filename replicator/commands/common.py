@@ -36,15 +36,21 @@ def connection_options(fn: F) -> F:
         click.option("--concurrency", envvar="REPLICATOR_CONCURRENCY", show_envvar=True,
                      type=click.IntRange(1, 256), default=8, show_default=True,
                      help="Users whose writes are applied in parallel."),
-        click.option("--create-indexes/--no-create-indexes", envvar="REPLICATOR_CREATE_INDEXES",
-                     show_envvar=True, default=True, show_default=True,
-                     help="Create the index on the app's moods (user) when it is missing. "
-                          "Either way a missing one is logged with the command that creates it; "
-                          "the replicator_* collections' own indexes are always created."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def index_option(fn: F) -> F:
+    """For the commands that open the runtime, which makes sure of the indexes first."""
+    return click.option(
+        "--create-indexes/--no-create-indexes", envvar="REPLICATOR_CREATE_INDEXES",
+        show_envvar=True, default=True, show_default=True,
+        help="Create the index on the app's moods (user) when it is missing. Either way a "
+             "missing one is logged with the command that creates it; the replicator_* "
+             "collections' own indexes are always created.",
+    )(fn)  # fmt: skip
 
 
 def mongo_from(kw: dict[str, Any]) -> tuple[str, Names]:
@@ -76,6 +82,6 @@ def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
         names=names,
         concurrency=kw["concurrency"],
         plc_url=check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
-        create_indexes=kw["create_indexes"],
+        create_indexes=kw.get("create_indexes", True),
         **extra,
     )

@@ -33,7 +33,7 @@ from ..model import LedgerEntry, State
 from ..runtime import open_runtime
 from ..store import Doc, Names, Store, open_client
 from .backfill import CLI_RETRY_TIMEOUT
-from .common import connection_options, mongo_from, settings_from
+from .common import connection_options, index_option, mongo_from, settings_from
 
 __all__ = ["dlq"]
 
@@ -176,6 +176,7 @@ class RetryResult:
 @connection_options
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Retry every dead letter.")
+@index_option
 def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
     """Apply these moods again (IDs as `dlq list` shows them, or --all).
 
