@@ -35,7 +35,6 @@ from pymongo.errors import PyMongoError
 
 from . import metrics
 from .model import State
-from .pds import XrpcError
 from .runtime import Runtime
 from .stream import Replicator
 
@@ -180,16 +179,14 @@ class Monitor:
             logger.debug("stats flush: MongoDB unavailable ({})", exc)
 
     async def _probe_pds(self) -> None:
-        try:
-            with anyio.fail_after(5):
-                await self.rt.pds.xrpc("_health")
-        except (XrpcError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+        error = await self.rt.pds.unreachable()
+        if error is not None:
             if not self._pds_warned:  # once per outage (at start too), not every 10 s
                 logger.warning("PDS {} unreachable ({}): writes wait and are retried; check "
-                               "PDS_URL and that the PDS is up", self.rt.settings.pds_url,
-                               str(exc) or "no answer within 5s")  # fmt: skip
+                               "PDS_URL and that the PDS is up",
+                               self.rt.settings.pds_url, error)  # fmt: skip
                 self._pds_warned = True
-            self.pds_error = str(exc) or "no answer within 5s"
+            self.pds_error = error
             metrics.PDS_UP.set(0)
             return
         if self._pds_warned:

@@ -12,8 +12,10 @@ from . import metrics
 from .accounts import AccountGate
 from .apply import Applier
 from .config import Settings
+from .errors import Unavailable
 from .identity import Resolver
 from .lease import Fence, Lease
+from .logs import redact_uri
 from .pds import Pds
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
@@ -55,10 +57,13 @@ async def open_runtime(
     retry_timeout: float | None = None,
     http: httpx.AsyncClient | None = None,
     lease: bool = False,
+    require_pds: bool = False,
 ) -> AsyncIterator[Runtime]:
     """`http` replaces the PDS connection pool (fault-injection tests wrap its transport).
     `lease`: this process will hold the lease (`replicator run`) and fences every write with
-    it; otherwise writes carry the lease generation current when the runtime opens."""
+    it; otherwise writes carry the lease generation current when the runtime opens.
+    `require_pds`: a command fails at once (`Unavailable`) on a PDS that does not answer,
+    rather than after retrying every user's calls (the sidecar waits for it instead)."""
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
@@ -70,6 +75,9 @@ async def open_runtime(
             if settings.dry_run:
                 store.checkpoint_name += ":dry-run"
             await store.ensure_indexes(create_app_indexes=settings.create_indexes)
+            if require_pds and (error := await pds.unreachable()) is not None:
+                raise Unavailable(f"PDS {redact_uri(settings.pds_url)}: {error}: check PDS_URL, "
+                                  "and that the PDS is up and reachable from here")  # fmt: skip
             keeper = None
             if (
                 lease and not settings.dry_run

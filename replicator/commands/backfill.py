@@ -57,7 +57,7 @@ def backfill(**kw: Any) -> None:
 
 
 async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         if kw["rate"]:
             rt.writer.rate = TokenBucket(kw["rate"])
         users = await users_in_scope(rt.store, kw["users"])
@@ -95,7 +95,7 @@ def audit_command(**kw: Any) -> None:
 
 
 async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         users = await users_in_scope(rt.store, kw["users"], kw["sample"])
         dry = Applier(rt.store, rt.writer, concurrency=settings.concurrency, dry_run=True)
         report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"])

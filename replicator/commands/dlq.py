@@ -208,7 +208,7 @@ def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
 async def _retry(
     settings: Settings, keys: list[str], all_: bool
 ) -> tuple[list[RetryResult], list[str]]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         store = rt.store
         if all_:
             letters = [d async for d in store.dead_letters.find({}).sort("first_at", 1)]
