@@ -113,6 +113,20 @@ def test_an_unreachable_mongodb_is_one_line_with_the_documented_exit(
     assert time.monotonic() - started < 20  # the URI's selection timeout is honoured
 
 
+def test_with_json_logs_the_error_is_a_json_line_too() -> None:
+    env = bare_env(
+        MONGODB_CONNECTION_STRING=f"mongodb://app:{SECRET}@127.0.0.1:{free_port()}/?{FAST}",
+        PDS_URL="https://pds.example",
+        REPLICATOR_LOG_FORMAT="json",
+    )
+    out = replicator("run", "--http-addr", "off", env=env)
+    assert out.returncode == 1
+    assert SECRET not in out.stderr and "Traceback" not in out.stderr
+    records = [json.loads(line)["record"] for line in out.stderr.splitlines()]
+    (error,) = [r for r in records if r["level"]["name"] == "CRITICAL"]
+    assert error["message"].startswith("replicator run: MongoDB mongodb://app:***@127.0.0.1:")
+
+
 def test_an_srv_uri_whose_name_does_not_resolve(settings: Settings) -> None:
     env = bare_env(MONGODB_CONNECTION_STRING=f"mongodb+srv://app:{SECRET}@nothing.invalid/",
                    PDS_URL=settings.pds_url)  # fmt: skip

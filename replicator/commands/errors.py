@@ -16,6 +16,7 @@ import traceback
 from typing import Any, NoReturn
 
 import click
+from loguru import logger
 
 from ..errors import ConfigError, OperatorError, Unavailable
 from ..logs import redact
@@ -82,5 +83,9 @@ def _fail(ctx: click.Context, exc: OperatorError, code: int) -> NoReturn:
     if debugging(ctx):
         click.echo(redact("".join(traceback.format_exception(exc))).rstrip(), err=True)
     where = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
-    click.echo(redact(f"{where}: {exc}"), err=True)
+    line = redact(f"{where}: {exc}")
+    if os.environ.get("REPLICATOR_LOG_FORMAT") == "json":  # a log collector reads JSON lines
+        logger.critical("{}", line)
+    else:
+        click.echo(line, err=True)
     ctx.exit(code)
