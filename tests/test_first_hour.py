@@ -103,6 +103,7 @@ def test_an_unreachable_mongodb_is_one_line_with_the_documented_exit(
     env = bare_env(
         MONGODB_CONNECTION_STRING=f"mongodb://app:{SECRET}@127.0.0.1:{port}/?{FAST}",
         PDS_URL=f"http://127.0.0.1:{free_port()}",
+        PDS_ADMIN_PASSWORD=SECRET,  # echoed nowhere either
     )
     started = time.monotonic()
     out = replicator(*args, env=env)
