@@ -29,6 +29,7 @@ from .commands.errors import Group
 from .commands.lexicon import lexicon
 from .commands.status import status
 from .config import Settings
+from .errors import ConfigError
 from .lease import Fenced
 from .rollout import split_users
 from .runtime import open_runtime
@@ -132,6 +133,10 @@ def run(**kw: Any) -> None:
     refused), 2 usage, 3 history lost with --on-history-lost=fail, 4 the collection was
     dropped or renamed, 5 another process took the lease over.
     """
+    try:
+        health.parse_addr(kw["http_addr"])
+    except ValueError as exc:
+        raise ConfigError(f"REPLICATOR_HTTP_ADDR (--http-addr): {exc}") from None
     settings = settings_from(
         kw,
         batch_size=kw["batch_size"],

@@ -171,6 +171,14 @@ def test_a_bad_url_is_a_usage_error_before_anything_is_contacted(
     assert "MongoDB" not in line  # refused before any connection was tried
 
 
+def test_a_bad_metrics_address_is_a_usage_error() -> None:
+    env = bare_env(MONGODB_CONNECTION_STRING="mongodb://127.0.0.1:1/", PDS_URL="https://pds")
+    out = replicator("run", "--http-addr", "localhost", env=env)
+    assert out.returncode == 2
+    line = one_error_line(out, "run")
+    assert line == "replicator run: REPLICATOR_HTTP_ADDR (--http-addr): not host:port: 'localhost'"
+
+
 def test_a_missing_setting_is_one_usage_line() -> None:
     env = bare_env(MONGODB_CONNECTION_STRING="mongodb://127.0.0.1:1/")
     out = replicator("run", env=env)
