@@ -1,8 +1,10 @@
 """`replicator`: run the sidecar, set up and run the local stack, check lexicons.
 
-Exit codes: 0 done / stopped cleanly; 1 error; 2 usage; 3 history lost with
-`--on-history-lost=fail`; 4 the change stream was invalidated (collection dropped/renamed);
-5 another process took the lease over.
+Exit codes of `run`: 0 stopped cleanly; 1 error (MongoDB unreachable, credentials refused);
+2 usage (a setting missing or malformed); 3 history lost with `--on-history-lost=fail`; 4 the
+change stream was invalidated (collection dropped/renamed); 5 another process took the lease
+over. Every command's configuration and connection errors are one line (commands/errors.py);
+the README lists each command's exit codes.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from loguru import logger
 from . import health, logs
 from .commands.backfill import audit_command, backfill
 from .commands.check import check
-from .commands.common import connection_options, settings_from
+from .commands.common import connection_options, index_option, settings_from
 from .commands.dlq import dlq
+from .commands.errors import Group
 from .commands.lexicon import lexicon
 from .commands.status import status
-from .config import Settings, redact_uri
+from .config import Settings
+from .errors import ConfigError
 from .lease import Fenced
 from .rollout import split_users
 from .runtime import open_runtime
@@ -39,15 +43,23 @@ EXIT_INVALIDATED = 4
 EXIT_LEASE_LOST = 5
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="moods-replicator")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Log at DEBUG and show the traceback of a configuration or connection error.",
+)
+def main(debug: bool) -> None:
     """Mirror aesthetic.computer moods from MongoDB into users' ATProto PDS repos.
 
     `replicator dev` starts a local stack and runs everything; `replicator run` is the
     production sidecar. Every flag can also be set by the environment variable shown.
     """
-    logs.setup()
+    logs.setup(level="DEBUG" if debug else None)
 
 
 main.add_command(lexicon)
@@ -114,12 +126,19 @@ def run_options(fn: F) -> F:
 @main.command()
 @connection_options
 @run_options
+@index_option
 def run(**kw: Any) -> None:
     """Tail the moods change stream and mirror every change into the PDS (the sidecar).
 
     Resumes from the token saved in Mongo. SIGTERM or Ctrl-C: finishes the batch in flight,
-    saves the checkpoint and exits 0.
+    saves the checkpoint and exits 0. Other exits: 1 error (MongoDB unreachable, credentials
+    refused), 2 usage, 3 history lost with --on-history-lost=fail, 4 the collection was
+    dropped or renamed, 5 another process took the lease over.
     """
+    try:
+        health.parse_addr(kw["http_addr"])
+    except ValueError as exc:
+        raise ConfigError(f"REPLICATOR_HTTP_ADDR (--http-addr): {exc}") from None
     settings = settings_from(
         kw,
         batch_size=kw["batch_size"],
@@ -160,7 +179,7 @@ async def run_replicator(settings: Settings, ready: Callable[[], None] | None = 
 async def _run(settings: Settings, stop: anyio.Event, ready: Callable[[], None] | None) -> int:
     logger.info(
         "replicator starting: mongodb={} db={} pds={}",
-        redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
+        logs.redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
     )  # fmt: skip
     async with open_runtime(settings, lease=True) as rt, anyio.create_task_group() as tg:
         replicator = rt.replicator()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
+from .errors import ConfigError
 from .identity import PUBLIC_PLC
+from .logs import redact_uri
 from .store import Names
 
 DEFAULT_DB = "aesthetic"
@@ -33,16 +36,32 @@ class Settings:
     plc_url: str = PUBLIC_PLC
     account_recheck_seconds: float = 30.0
     http_addr: str = "127.0.0.1:9464"  # /metrics /healthz /readyz; "off": none
+    create_indexes: bool = True  # the index on the app's `moods`; False: only warn if missing
 
     def __repr__(self) -> str:  # the URI may hold a password
         return f"Settings(db={self.db_name!r}, pds={self.pds_url!r}, names={self.names!r})"
 
 
-def redact_uri(uri: str) -> str:
-    """`mongodb://user:secret@host` → `mongodb://user:***@host`, for logs and status."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return uri
-    creds, host = rest.split("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+HTTP_SCHEMES = ("https", "http")
+MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
+
+
+def check_url(setting: str, value: str, schemes: tuple[str, ...] = HTTP_SCHEMES) -> str:
+    """`value` if it has one of `schemes` and a host, else `ConfigError` naming `setting`.
+
+    Checked at start because a URL without a scheme (`pds.example`) would otherwise be
+    taken as a relative path and fail on the first write, minutes or a backfill later."""
+    parts = urlsplit(value)
+    host = parts.hostname
+    if "," not in parts.netloc:  # a MongoDB host list has a port per host
+        try:
+            _ = parts.port  # raises on a port that is not a number
+        except ValueError:
+            host = None
+    if parts.scheme.lower() not in schemes or not host:
+        example = f"{schemes[0]}://{value.split('://')[-1].lstrip('/') or 'host'}"
+        raise ConfigError(
+            f"{setting} {redact_uri(value)!r} is not a URL with a scheme ({', '.join(schemes)}) "
+            f"and a host (and a numeric port, if any): e.g. {redact_uri(example)!r}"
+        )
+    return value

@@ -14,6 +14,16 @@ these, so callers decide by type:
 - `Rejected`: the PDS refused this write for good (4xx): park the mood.
 
 Messages never include request bodies or headers: they carry passwords and tokens.
+
+Apart from those, what an operator has to fix rather than a bug, raised where the setting is
+read or the server first contacted, and printed by the CLI as one line (commands/errors.py):
+
+- `ConfigError`: a setting is missing or malformed (a URL without a scheme or a host): a usage
+  error, exit 2, before anything is contacted.
+- `Unavailable`: a server cannot be used as configured: unreachable, unknown host, credentials
+  or privileges refused: the command's error exit code.
+
+Their messages name what failed and what to check, and never hold a secret.
 """
 
 from __future__ import annotations
@@ -32,6 +42,19 @@ _UNAVAILABLE = {
     "AccountSuspended": "suspended",
 }
 _TOKEN = frozenset({"ExpiredToken", "InvalidToken"})
+
+
+class OperatorError(Exception):
+    """A problem of the deployment, not of the code: reported as its message alone."""
+
+
+class ConfigError(OperatorError):
+    """A setting is missing or malformed: nothing was contacted (exit 2, a usage error)."""
+
+
+class Unavailable(OperatorError):
+    """A server (MongoDB, the PDS) cannot be used as configured: retrying will not help
+    until someone checks what the message names."""
 
 
 class PdsError(Exception):

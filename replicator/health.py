@@ -35,12 +35,12 @@ from pymongo.errors import PyMongoError
 
 from . import metrics
 from .model import State
-from .pds import XrpcError
 from .runtime import Runtime
 from .stream import Replicator
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:9464"
 TICK_SECONDS = 1.0
+DEFAULT_INTERVAL = 10.0  # seconds between monitor rounds: PDS probe, gauges, stats flush
 
 StartResponse = Callable[..., Any]
 
@@ -66,7 +66,7 @@ class Monitor:
         rt: Runtime,
         replicator: Replicator,
         *,
-        interval: float = 10.0,
+        interval: float = DEFAULT_INTERVAL,
         checkpoint_max_age: float | None = None,
     ) -> None:
         self.rt = rt
@@ -79,6 +79,7 @@ class Monitor:
         self.loop_tick = time.monotonic()
         self.pds_ok_at: float | None = None
         self.pds_error: str | None = "not probed yet"
+        self._pds_warned = False  # the PDS's absence was logged; said again when it is back
         self._budget_waited = 0.0
 
     # -- read by the gauges and the HTTP thread ----------------------------------------------
@@ -178,13 +179,19 @@ class Monitor:
             logger.debug("stats flush: MongoDB unavailable ({})", exc)
 
     async def _probe_pds(self) -> None:
-        try:
-            with anyio.fail_after(5):
-                await self.rt.pds.xrpc("_health")
-        except (XrpcError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
-            self.pds_error = str(exc) or "no answer within 5s"
+        error = await self.rt.pds.unreachable()
+        if error is not None:
+            if not self._pds_warned:  # once per outage (at start too), not every 10 s
+                logger.warning("PDS {} unreachable ({}): writes wait and are retried; check "
+                               "PDS_URL and that the PDS is up",
+                               self.rt.settings.pds_url, error)  # fmt: skip
+                self._pds_warned = True
+            self.pds_error = error
             metrics.PDS_UP.set(0)
             return
+        if self._pds_warned:
+            logger.info("PDS {} reachable again", self.rt.settings.pds_url)
+        self._pds_warned = False
         self.pds_ok_at = time.monotonic()
         self.pds_error = None
         metrics.PDS_UP.set(1)
@@ -268,7 +275,7 @@ async def serve(
     rt: Runtime,
     replicator: Replicator,
     *,
-    interval: float = 10.0,
+    interval: float = DEFAULT_INTERVAL,
     task_status: TaskStatus[HttpServer | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the monitor and, unless `http_addr` is off, the HTTP server, until cancelled.

@@ -37,6 +37,22 @@ def redact(text: str) -> str:
     return _SECRET_PATTERNS[2].sub(r"\1***\3", text)
 
 
+def redact_uri(uri: str) -> str:
+    """`mongodb://user:secret@host` → `mongodb://user:***@host`, for logs and errors.
+
+    Also without a scheme (a mistyped setting is echoed back) and with an unencoded `/` or
+    `@` in the password: everything up to the last `@` before the query counts as credentials.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    creds, at, _ = rest.split("?", 1)[0].rpartition("@")
+    if not at:
+        return uri
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{rest[len(creds) + 1 :]}"
+
+
 def _patch(record: Any) -> None:
     record["message"] = redact(record["message"])
     if record["exception"] is not None:
@@ -57,10 +73,11 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     if fmt == "json":
         logger.add(sys.stderr, level=level, serialize=True)
     else:
-        logger.add(
-            sys.stderr,
-            level=level,
-            colorize=sys.stderr.isatty(),
-            format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <8}</level> "
-            "{message} <dim>{extra}</dim>",
-        )
+        logger.add(sys.stderr, level=level, colorize=sys.stderr.isatty(), format=_text_format)
+
+
+def _text_format(record: Any) -> str:
+    """The bound fields (mood id, DID, error) after the message, and nothing when there are
+    none (not an empty ` {}` on every line)."""
+    extra = " <dim>{extra}</dim>" if record["extra"] else ""
+    return "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <8}</level> {message}" + extra + "\n"

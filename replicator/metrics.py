@@ -292,9 +292,10 @@ async def flush_stats(
         inc["latency.sum"] = pending.latency_sum
         for i, n in pending.latency_buckets.items():
             inc[f"latency.buckets.{i}"] = n
-    fields: dict[str, Any] = {"latency_bounds": list(SYNC_BUCKETS)}
+    now = time.time()
+    fields: dict[str, Any] = {"latency_bounds": list(SYNC_BUCKETS), "flushed_at": now}
     if live is not None:
-        fields["live"] = {**live, "flushed_at": time.time()}
+        fields["live"] = {**live, "flushed_at": now}
     if pending.last_error:
         fields["last_error"] = {"at": pending.last_error[0], "message": pending.last_error[1]}
     update: dict[str, Any] = {"$set": fields}

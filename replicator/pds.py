@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 import orjson
 import stamina
@@ -109,6 +110,15 @@ class Pds:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+
+    async def unreachable(self, seconds: float = 5.0) -> str | None:
+        """Why the PDS does not answer its health check within `seconds`; None if it does."""
+        try:
+            with anyio.fail_after(seconds):
+                await self.xrpc("_health")
+        except (PdsError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+            return str(exc) or f"no answer within {seconds:.0f}s"
+        return None
 
     async def xrpc(
         self,

@@ -94,6 +94,9 @@ def judge_index(present: bool, created: bool, error: str | None, moods: str) -> 
         return ok(name, "present")
     if created:
         return ok(name, "created (as `replicator run` does at start)")
+    if error is None:  # not tried: --no-create-indexes
+        return warn(name, "missing (not created: --no-create-indexes)",
+                    f"create it yourself: {command}")  # fmt: skip
     return fail(
         name,
         f"missing, and it could not be created: {error}",

@@ -23,14 +23,14 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import preflight as judge
-from .config import Settings, redact_uri
+from .config import Settings
 from .errors import AuthFailed, PdsError
 from .lexicon import SCHEMA_NSID, LexiconError, load_lexicons, schema_record
-from .logs import redact
+from .logs import redact, redact_uri
 from .pds import Pds
 from .preflight import Result
 from .sessions import SessionPool
-from .store import Store, account_from_user, connect
+from .store import Store, account_from_user, connect, mongo_problem
 
 # A preflight gives up on a PDS that stays unreachable; the sidecar would retry for ever.
 PDS_TIMEOUT = 10.0
@@ -68,14 +68,17 @@ async def run_checks(
 ) -> list[Result]:
     """Every check, in the order an operator fixes things: MongoDB, then the PDS."""
     results: list[Result] = []
-    client = connect(settings.mongodb_uri)
+    try:
+        client = connect(settings.mongodb_uri)
+    except PyMongoError as exc:  # a URI the driver refuses, an SRV name that does not resolve
+        raise mongo_problem(exc, settings.mongodb_uri) or exc from None
     pds = Pds(settings.pds_url, timeout=PDS_TIMEOUT, retry_timeout=PDS_TIMEOUT)
     try:
         store = Store(client, settings.db_name, settings.names)
         reached, answered = await check_mongo(store, settings.mongodb_uri)
         results += reached
         if answered:  # a standalone server too: what it refuses besides streams is worth seeing
-            results += await check_privileges(store)
+            results += await check_privileges(store, create_index=settings.create_indexes)
             results.append(await check_oplog(store, outage_hours))
         pds_result = await check_pds(pds)
         results.append(pds_result)
@@ -124,7 +127,7 @@ async def _attempt(
     return judge.judge_privilege(name, None, fix, done)
 
 
-async def check_privileges(store: Store) -> list[Result]:
+async def check_privileges(store: Store, *, create_index: bool = True) -> list[Result]:
     """Each privilege `run` needs, by doing what `run` does."""
     db, names = store.db.name, store.names
 
@@ -181,7 +184,7 @@ async def check_privileges(store: Store) -> list[Result]:
     if listing is not None:
         results.append(listing)
     else:
-        results.append(await check_index(store, exists=options is not None))
+        results.append(await check_index(store, exists=options is not None, create=create_index))
         results.append(judge.judge_preimages(options, names.moods))
     results.append(await check_own_collections(store))
     return results
@@ -195,8 +198,9 @@ async def collection_options(store: Store) -> dict[str, Any] | None:
     return None
 
 
-async def check_index(store: Store, *, exists: bool) -> Result:
-    """Present (any index led by `user`), else created as `Store.ensure_indexes` does."""
+async def check_index(store: Store, *, exists: bool, create: bool = True) -> Result:
+    """Present (any index led by `user`), else created as `Store.ensure_indexes` does; with
+    `--no-create-indexes`, a warning with the command instead, as `run` gives."""
     moods = store.names.moods
     if not exists:
         return judge.judge_index(False, False, f"{moods} does not exist", moods)
@@ -210,6 +214,8 @@ async def check_index(store: Store, *, exists: bool) -> Result:
         )
     if any(spec["key"][0][0] == "user" for spec in info.values()):
         return judge.judge_index(True, False, None, moods)
+    if not create:
+        return judge.judge_index(False, False, None, moods)
     try:
         await store.moods.create_index("user")
     except PyMongoError as exc:

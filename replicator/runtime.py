@@ -12,12 +12,14 @@ from . import metrics
 from .accounts import AccountGate
 from .apply import Applier
 from .config import Settings
+from .errors import Unavailable
 from .identity import Resolver
 from .lease import Fence, Lease
+from .logs import redact_uri
 from .pds import Pds
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
-from .store import Store, connect
+from .store import Store, open_client
 from .stream import Replicator
 from .writer import RepoWriter
 
@@ -55,49 +57,54 @@ async def open_runtime(
     retry_timeout: float | None = None,
     http: httpx.AsyncClient | None = None,
     lease: bool = False,
+    require_pds: bool = False,
 ) -> AsyncIterator[Runtime]:
     """`http` replaces the PDS connection pool (fault-injection tests wrap its transport).
     `lease`: this process will hold the lease (`replicator run`) and fences every write with
-    it; otherwise writes carry the lease generation current when the runtime opens."""
-    client = connect(settings.mongodb_uri)
+    it; otherwise writes carry the lease generation current when the runtime opens.
+    `require_pds`: a command fails at once (`Unavailable`) on a PDS that does not answer,
+    rather than after retrying every user's calls (the sidecar waits for it instead)."""
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
     )  # fmt: skip
     plc = httpx.AsyncClient(timeout=10.0)
     try:
-        store = Store(client, settings.db_name, settings.names)
-        if settings.dry_run:
-            store.checkpoint_name += ":dry-run"
-        await store.ensure_indexes()
-        keeper = None
-        if (
-            lease and not settings.dry_run
-        ):  # a shadow (dry-run) replicator never blocks the real one
-            keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
-            store.fence = pds.fence = keeper
-        else:
-            store.fence = pds.fence = Fence(await current_generation(store, settings))
-        sessions = SessionPool(pds, store)
-        writer = RepoWriter(sessions)
-        gate = AccountGate(
-            store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
-            recheck_seconds=settings.account_recheck_seconds,
-        )  # fmt: skip
-        applier = Applier(
-            store,
-            writer,
-            gate=gate,
-            concurrency=settings.concurrency,
-            dry_run=settings.dry_run,
-            only_users=await resolve_allowlist(store, settings.only_users),
-            lane_deadline=settings.lane_deadline,
-        )
-        yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
+        async with open_client(settings.mongodb_uri) as client:
+            store = Store(client, settings.db_name, settings.names)
+            if settings.dry_run:
+                store.checkpoint_name += ":dry-run"
+            await store.ensure_indexes(create_app_indexes=settings.create_indexes)
+            if require_pds and (error := await pds.unreachable()) is not None:
+                raise Unavailable(f"PDS {redact_uri(settings.pds_url)}: {error}: check PDS_URL, "
+                                  "and that the PDS is up and reachable from here")  # fmt: skip
+            keeper = None
+            if (
+                lease and not settings.dry_run
+            ):  # a shadow (dry-run) replicator never blocks the real one
+                keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
+                store.fence = pds.fence = keeper
+            else:
+                store.fence = pds.fence = Fence(await current_generation(store, settings))
+            sessions = SessionPool(pds, store)
+            writer = RepoWriter(sessions)
+            gate = AccountGate(
+                store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
+                recheck_seconds=settings.account_recheck_seconds,
+            )  # fmt: skip
+            applier = Applier(
+                store,
+                writer,
+                gate=gate,
+                concurrency=settings.concurrency,
+                dry_run=settings.dry_run,
+                only_users=await resolve_allowlist(store, settings.only_users),
+                lane_deadline=settings.lane_deadline,
+            )
+            yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
     finally:
         await plc.aclose()
         await pds.aclose()
-        await client.close()
 
 
 def lease_name(settings: Settings) -> str:

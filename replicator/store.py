@@ -9,23 +9,38 @@ without a date parser.
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from bson import ObjectId
 from bson.codec_options import DatetimeConversion
+from loguru import logger
 from pymongo import AsyncMongoClient, ReadPreference, UpdateOne, WriteConcern
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    InvalidURI,
+    OperationFailure,
+    PyMongoError,
+)
 from pymongo.read_concern import ReadConcern
 
 from . import crashpoints
 from .accounts import ParkedAccount
+from .errors import ConfigError, OperatorError, Unavailable
 from .lease import Fence, Fenced
+from .logs import redact_uri
 from .model import Account, LedgerEntry, Location, State
 from .sessions import Session
 
@@ -80,8 +95,83 @@ class Names:
         return f"{self.prefix}accounts"
 
 
+SERVER_SELECTION_MS = 10_000
+_AUTH_FAILED = frozenset({18, 8000})  # AuthenticationFailed; Atlas's "bad auth"
+_UNAUTHORIZED = 13
+
+
 def connect(uri: str) -> AsyncMongoClient[Doc]:
-    return AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
+    """A `serverSelectionTimeoutMS` in the URI wins over our 10 s: the operator's choice."""
+    given = {key.lower() for key in parse_qs(urlsplit(uri).query)}
+    options: dict[str, Any] = {"tz_aware": True}
+    if "serverselectiontimeoutms" not in given:
+        options["serverSelectionTimeoutMS"] = SERVER_SELECTION_MS
+    return AsyncMongoClient(uri, **options)
+
+
+@asynccontextmanager
+async def open_client(uri: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    """The client every command uses. A MongoDB that cannot be used as configured (a URI
+    it refuses, an SRV name that does not resolve, no server within the selection timeout,
+    credentials or privileges refused), at open or while the command runs, raises
+    `ConfigError` or `Unavailable` naming what to check; any other error passes unchanged."""
+    client = None
+    try:
+        client = connect(uri)
+        yield client
+    except PyMongoError as exc:
+        problem = mongo_problem(exc, uri)
+        if problem is None:
+            raise
+        raise problem from exc
+    finally:
+        if client is not None:
+            await client.close()
+
+
+def mongo_problem(exc: PyMongoError, uri: str) -> OperatorError | None:
+    """What the operator should check for `exc`, or None when it is not a problem of the
+    deployment (a bug, a conflict: those keep their traceback). Never holds the password."""
+    where = f"MongoDB {redact_uri(uri)}"
+    text = str(exc).replace(uri, redact_uri(uri)).rstrip(".")
+    if isinstance(exc, InvalidURI):
+        return ConfigError(f"MONGODB_CONNECTION_STRING (--mongodb-uri): {text}")
+    if isinstance(exc, ConfigurationError):
+        if "DNS" in text or type(exc.__cause__).__module__.startswith("dns"):
+            return Unavailable(
+                f"{where}: {text}: check the host name (a mongodb+srv:// URI needs the DNS "
+                "record _mongodb._tcp.<host>) and that this machine can resolve it"
+            )
+        return ConfigError(f"{where}: {text}: check the URI's options")
+    if isinstance(exc, ConnectionFailure):
+        reason = re.sub(r" \(configured timeouts:[^)]*\)", "", text.split(", Timeout:")[0])
+        return Unavailable(
+            f"{where}: no server reachable ({reason}): check the host and port, that MongoDB "
+            "runs, and the network path (firewall, Atlas IP access list, TLS options)"
+        )
+    if isinstance(exc, OperationFailure) and exc.code in _AUTH_FAILED:
+        return Unavailable(
+            f"{where}: authentication failed: check the user name and password in the URI "
+            "(special characters percent-encoded) and authSource"
+        )
+    if isinstance(exc, OperationFailure) and exc.code == _UNAUTHORIZED:
+        errmsg = (exc.details or {}).get("errmsg") or text
+        return Unavailable(
+            f"{where}: not authorized: {errmsg}: grant this user the privileges the "
+            "replicator needs (find, changeStream, update on the app's collections; readWrite "
+            "on replicator_*)"
+        )
+    return None
+
+
+def create_index_command(db: str, collection: str, keys: Mapping[str, int]) -> str:
+    """The mongosh line that creates this index: what an operator who creates indexes
+    themselves (`--no-create-indexes`) is told to run."""
+    spec = ", ".join(f"{json.dumps(k)}: {v}" for k, v in keys.items())
+    return (
+        f"db.getSiblingDB({json.dumps(db)}).getCollection({json.dumps(collection)})"
+        f".createIndex({{{spec}}})"
+    )
 
 
 def account_from_user(doc: Mapping[str, Any] | None) -> Account | None:
@@ -196,17 +286,39 @@ class Store:
         # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
         self.checkpoint_name = f"checkpoint:{names.moods}"
 
-    async def ensure_indexes(self) -> None:
+    async def ensure_indexes(self, *, create_app_indexes: bool = True) -> None:
         """The ledger's own, and `moods.user`: the backfill, the audit and the purge sweep read
-        a user's moods, as the app does (a no-op where the app's index already exists). Never
-        on a `moods` that does not exist: creating the index would create an empty collection
-        where one was dropped or renamed away."""
+        a user's moods, as the app does. The replicator's collections are its own; the app's
+        `moods` is not, so its index is created only with `create_app_indexes` (and where the
+        user may), and a missing one is a warning with the command that creates it. Never on a
+        `moods` that does not exist: that would create an empty collection where one was
+        dropped or renamed away."""
         if await self.moods_exists():
-            await self.moods.create_index("user")
+            await self._ensure_app_index(self.names.moods, {"user": 1}, create_app_indexes)
         await self.ledger.create_index("user")
         await self.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
         await self.ledger.create_index("state")
         await self.dead_letters.create_index("user")
+
+    async def _ensure_app_index(self, name: str, keys: dict[str, int], create: bool) -> None:
+        collection = self.db[name]
+        fields = list(keys)
+        async for index in await collection.list_indexes():
+            if list(index["key"])[: len(fields)] == fields:  # a compound index serves too
+                return
+        if not create:
+            what = "is missing (--no-create-indexes): a user's moods are read by a full scan until"
+        else:
+            try:
+                await collection.create_index(list(keys.items()))
+            except OperationFailure as exc:
+                if exc.code != _UNAUTHORIZED:
+                    raise
+                what = "is missing and this user may not create it (--no-create-indexes skips it):"
+            else:
+                what = "was missing and is created (--no-create-indexes leaves it to you), as"
+        command = create_index_command(self.db.name, name, keys)
+        logger.warning("index {} on {} {} `{}`", keys, name, what, command)
 
     # -- the app's data ---------------------------------------------------------------------
 

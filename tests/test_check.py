@@ -187,6 +187,15 @@ async def test_no_preimages_and_no_lexicon_authority_are_only_warnings(rt: Runti
     assert got.status("accounts") == "warn"  # nobody has credentials in this database
 
 
+async def test_no_create_indexes_warns_with_the_command_and_creates_nothing(rt: Runtime) -> None:
+    await moods_with_preimages(rt.store)
+    got = run_check(env_for(rt.settings), "--outage-hours", "0", "--no-create-indexes")
+    index = got.checks["index moods.user"]
+    assert index["status"] == "warn", got.stdout
+    assert "createIndex({user: 1})" in index["fix"]
+    assert "user_1" not in await rt.store.moods.index_information()
+
+
 async def test_a_missing_moods_collection_fails(rt: Runtime) -> None:
     got = run_check(env_for(rt.settings), "--outage-hours", "0")
     assert got.code == 1

@@ -169,6 +169,8 @@ def test_status_text_names_every_section() -> None:
         "dead_letters": {"count": 1, "latest": {"mood_id": "66", "reason": "invalid: too long"}},
         "last_error": {"at": "2026-11-28T09:00:00Z", "source": "dead letter", "message": "x"},
         "pds": {"url": "http://pds", "reachable": True},
+        "counters": {"flushed_at": "2026-11-28T09:59:53Z", "age_seconds": 7.0,
+                     "flush_interval_seconds": 10.0},
         "launch": {"users_with_account": 2, "moods_in_mongo": 11, "records_on_pds": 10,
                    "success_rate": 0.9, "synced": 9, "failed": 1, "latency_avg_seconds": 0.5,
                    "latency_p99_seconds": 1.2, "repairs": 0},
@@ -177,8 +179,12 @@ def test_status_text_names_every_section() -> None:
     for part in ("checkpoint    saved", "running (live) pid 7", "lag 0.00s", "held by h:7:abc",
                  "absent 1, present 10", "dead letters  1 (latest: 66 invalid: too long)",
                  "[dead letter] x", "reachable", "90.00% (9 synced, 1 failed)",
-                 "avg 0.50s, p99 1.20s", "repairs made                   0"):  # fmt: skip
+                 "avg 0.50s, p99 1.20s", "repairs made                   0",
+                 "lag 0.00s (as of 7s ago)", "counters flushed 7s ago, every 10s"):  # fmt: skip
         assert part in text
+    never = render({**report, "counters": {"flushed_at": None, "age_seconds": None,
+                                           "flush_interval_seconds": 10.0}})  # fmt: skip
+    assert "no counters flushed yet" in never
 
 
 @pytest.mark.anyio

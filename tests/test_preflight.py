@@ -103,6 +103,9 @@ def test_index_present_created_or_refused() -> None:
     refused = judge_index(False, False, "Unauthorized: no", "moods")
     assert refused.status == "fail"
     assert 'db.getCollection("moods").createIndex({user: 1})' in (refused.fix or "")
+    not_tried = judge_index(False, False, None, "moods")  # --no-create-indexes
+    assert not_tried.status == "warn" and "--no-create-indexes" in not_tried.detail
+    assert 'db.getCollection("moods").createIndex({user: 1})' in (not_tried.fix or "")
 
 
 def test_pds_accounts_and_lexicons() -> None:

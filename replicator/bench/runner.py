@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from ..store import Store, connect
+from ..store import Store, connect, open_client
 from . import core, pds_capacity, scenarios
 from .common import BENCH_NAMES, CpuMeter, Ctx, Sizes, fake_users, seed_users
 from .report import ratios, rows, targets
@@ -83,6 +83,8 @@ async def run_bench(
     await anyio.Path(work_dir).mkdir(parents=True, exist_ok=True)
     if profile_dir is not None:
         await anyio.Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    async with open_client(mongodb_uri) as probe:  # a MongoDB out of reach: one line, now
+        await probe.admin.command("ping")
     client = connect(mongodb_uri)
     ctx = Ctx(mongodb_uri, pds_url, client, sizes, run_id, work_dir, plc_url=plc_url,
               server_pids=server_pids, profile_dir=profile_dir, say=say)  # fmt: skip

@@ -13,7 +13,7 @@ from ..audit import audit
 from ..backfill import Backfill, users_in_scope
 from ..ratelimit import TokenBucket
 from ..runtime import open_runtime
-from .common import connection_options, settings_from
+from .common import connection_options, index_option, settings_from
 from .report import emit, progress_reporter
 
 # Command-line tools give up on a PDS that stays unreachable, rather than hang like the sidecar.
@@ -22,6 +22,7 @@ CLI_RETRY_TIMEOUT = 120.0
 
 @click.command()
 @connection_options
+@index_option
 @click.option(
     "--user",
     "users",
@@ -41,7 +42,7 @@ def backfill(**kw: Any) -> None:
     Adopts records the old inline writer made (found by `ref` or legacy `mongoId`), keeps each
     mood's `atproto.rkey`, reports duplicates and orphans (removes them with --fix).
     Interrupted (Ctrl-C, kill -9), it resumes where it stopped when run again.
-    Exit: 0 done, 1 some moods failed or were parked, 2 error, 130 interrupted.
+    Exit: 0 done, 1 some moods failed or were parked, 2 usage or error, 130 interrupted.
     """  # fmt: skip
     settings = settings_from(kw, dry_run=kw["dry_run"])
     try:
@@ -56,7 +57,7 @@ def backfill(**kw: Any) -> None:
 
 
 async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         if kw["rate"]:
             rt.writer.rate = TokenBucket(kw["rate"])
         users = await users_in_scope(rt.store, kw["users"])
@@ -69,6 +70,7 @@ async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
 
 @click.command(name="audit")
 @connection_options
+@index_option
 @click.option(
     "--user", "users", multiple=True, metavar="SUB|@HANDLE", help="Only this user (repeatable)."
 )
@@ -81,22 +83,19 @@ def audit_command(**kw: Any) -> None:
     Divergences: records missing, content mismatches, duplicates, orphans (no live mood),
     stale records of deleted moods, an out-of-date ledger. Also reported: moods whose user has
     no account, moods that cannot become a valid record (with the reason), dead letters.
-    Exit: 0 in sync, 1 divergent, 2 error. Fit for cron and CI.
+    Exit: 0 in sync, 1 divergent, 2 usage or error. Fit for cron and CI.
     """  # fmt: skip
     settings = settings_from(kw)
     try:
         summary = anyio.run(_audit, settings, kw)
     except LookupError as exc:
         raise click.UsageError(str(exc)) from None
-    except Exception as exc:
-        click.echo(f"audit failed: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2)
     emit(summary, as_json=kw["as_json"], title="audit")
     sys.exit(0 if summary["in_sync"] else 1)
 
 
 async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         users = await users_in_scope(rt.store, kw["users"], kw["sample"])
         dry = Applier(rt.store, rt.writer, concurrency=settings.concurrency, dry_run=True)
         report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"])

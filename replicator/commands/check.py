@@ -17,13 +17,14 @@ import click
 
 from ..preflight import DEFAULT_OUTAGE_HOURS, exit_code, render, render_json
 from ..probes import run_checks
-from .common import connection_options, settings_from
+from .common import connection_options, index_option, settings_from
 
 __all__ = ["check"]
 
 
 @click.command()
 @connection_options
+@index_option
 @click.option(
     "--sample-accounts",
     envvar="REPLICATOR_CHECK_SAMPLE_ACCOUNTS",

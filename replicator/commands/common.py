@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import DEFAULT_DB, Settings
+from ..config import DEFAULT_DB, MONGODB_SCHEMES, Settings, check_url
+from ..errors import ConfigError
 from ..identity import PUBLIC_PLC
 from ..store import Names
 
@@ -41,18 +42,46 @@ def connection_options(fn: F) -> F:
     return fn
 
 
+def index_option(fn: F) -> F:
+    """For the commands that open the runtime, which makes sure of the indexes first."""
+    return click.option(
+        "--create-indexes/--no-create-indexes", envvar="REPLICATOR_CREATE_INDEXES",
+        show_envvar=True, default=True, show_default=True,
+        help="Create the index on the app's moods (user) when it is missing. Either way a "
+             "missing one is logged with the command that creates it; the replicator_* "
+             "collections' own indexes are always created.",
+    )(fn)  # fmt: skip
+
+
+def mongo_from(kw: dict[str, Any]) -> tuple[str, Names]:
+    """The MongoDB URI (checked: scheme and host) and collection names, for the commands that
+    need MongoDB alone (`status`, `dlq list`)."""
+    uri = kw.get("mongodb_uri")
+    if not uri:
+        raise ConfigError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
+    check_url("MONGODB_CONNECTION_STRING (--mongodb-uri)", uri, MONGODB_SCHEMES)
+    return uri, Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
+
+
+def pds_url_from(kw: dict[str, Any]) -> str | None:
+    """PDS_URL checked (scheme and host), or None when it is not set."""
+    url = kw.get("pds_url")
+    return check_url("PDS_URL (--pds-url)", url) if url else None
+
+
 def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
-    if not kw.get("mongodb_uri"):
-        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    if not kw.get("pds_url"):
-        raise click.UsageError("set PDS_URL or --pds-url")
-    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
+    """Every setting checked before anything is contacted: a bad one is a `ConfigError`."""
+    uri, names = mongo_from(kw)
+    pds_url = pds_url_from(kw)
+    if not pds_url:
+        raise ConfigError("set PDS_URL or --pds-url")
     return Settings(
-        mongodb_uri=kw["mongodb_uri"],
+        mongodb_uri=uri,
         db_name=kw["db_name"],
-        pds_url=kw["pds_url"],
+        pds_url=pds_url,
         names=names,
         concurrency=kw["concurrency"],
-        plc_url=kw["plc_url"],
+        plc_url=check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
+        create_indexes=kw.get("create_indexes", True),
         **extra,
     )

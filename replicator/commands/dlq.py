@@ -18,28 +18,26 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import click
 import orjson
 from bson import ObjectId
 from pymongo import DESCENDING
-from pymongo.errors import PyMongoError
 
-from ..config import Settings, redact_uri
+from ..config import Settings
 from ..desired import bad_id_reason
 from ..logs import redact
 from ..model import LedgerEntry, State
 from ..runtime import open_runtime
-from ..store import Doc, Names, Store, connect
+from ..store import Doc, Names, Store, open_client
 from .backfill import CLI_RETRY_TIMEOUT
-from .common import connection_options, settings_from
+from .common import connection_options, index_option, mongo_from, settings_from
 
 __all__ = ["dlq"]
 
 EXIT_REMAIN = 1
-EXIT_ERROR = 2
 RETRY_CHUNK = 500
 STILL_FAILING = (State.INVALID, State.PARKED)
 
@@ -70,7 +68,7 @@ def list_command(who: str | None, as_json: bool, limit: int, **kw: Any) -> None:
     AGE is the time since the first failure. Reads MongoDB only (no PDS needed).
     Exit: 0 shown, 2 error.
     """
-    names, uri = _mongo(kw)
+    uri, names = mongo_from(kw)
     report = _run(_list, uri, kw["db_name"], names, who, limit)
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -178,6 +176,7 @@ class RetryResult:
 @connection_options
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Retry every dead letter.")
+@index_option
 def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
     """Apply these moods again (IDs as `dlq list` shows them, or --all).
 
@@ -189,12 +188,7 @@ def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
     if bool(ids) == all_:
         raise click.UsageError("give the IDs to retry, or --all (not both)")
     settings = settings_from(kw)
-    try:
-        results, missing = anyio.run(_retry, settings, list(ids), all_)
-    except click.ClickException:
-        raise
-    except Exception as exc:
-        _fail(f"retry failed: {type(exc).__name__}: {exc}", settings.mongodb_uri)
+    results, missing = anyio.run(_retry, settings, list(ids), all_)
     for r in results:
         if r.cleared:
             click.echo(f"{r.key}: cleared ({r.detail})")
@@ -214,7 +208,7 @@ def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
 async def _retry(
     settings: Settings, keys: list[str], all_: bool
 ) -> tuple[list[RetryResult], list[str]]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT) as rt:
+    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
         store = rt.store
         if all_:
             letters = [d async for d in store.dead_letters.find({}).sort("first_at", 1)]
@@ -304,7 +298,7 @@ def drop(ids: tuple[str, ...], all_: bool, yes: bool, **kw: Any) -> None:
         raise click.UsageError("give the IDs to drop, or --all --yes (not both)")
     if all_ and not yes:
         raise click.UsageError("--all drops every dead letter: add --yes to confirm")
-    names, uri = _mongo(kw)
+    uri, names = mongo_from(kw)
     dropped, missing = _run(_drop, uri, kw["db_name"], names, list(ids), all_)
     for key in missing:
         click.echo(f"{key}: not in the dead-letter queue", err=True)
@@ -324,33 +318,12 @@ async def _drop(store: Store, keys: list[str], all_: bool) -> tuple[int, list[st
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _mongo(kw: dict[str, Any]) -> tuple[Names, str]:
-    """`list` and `drop` need MongoDB only: PDS_URL may be unset."""
-    if not kw.get("mongodb_uri"):
-        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
-    return names, str(kw["mongodb_uri"])
-
-
 def _run(fn: Any, uri: str, db: str, names: Names, *args: Any) -> Any:
     async def go() -> Any:
-        client = connect(uri)
-        try:
+        async with open_client(uri) as client:
             return await fn(Store(client, db, names), *args)
-        finally:
-            await client.close()
 
-    try:
-        return anyio.run(go)
-    except click.ClickException:
-        raise
-    except PyMongoError as exc:
-        _fail(f"MongoDB {redact_uri(uri)}: {exc}", uri)
-
-
-def _fail(message: str, uri: str) -> NoReturn:
-    click.echo(redact(message.replace(uri, redact_uri(uri))), err=True)
-    sys.exit(EXIT_ERROR)
+    return anyio.run(go)
 
 
 def _is_oid(key: Any) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import click
 
+from replicator.config import check_url
 from replicator.errors import Rejected, TokenRejected
 from replicator.lexicon import (
     LEXICON_DIR,
@@ -282,6 +283,7 @@ def publish(
     Exit status: 0 published or unchanged, 1 the PDS refused a write, 2 usage, invalid
     lexicons, or the login failed.
     """
+    check_url("PDS_URL (--pds-url)", pds_url)
     try:
         docs = load_lexicons(lexicon_dir)
     except (OSError, LexiconError) as exc:

@@ -12,7 +12,6 @@ writes nothing and needs no PDS credentials.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,14 +20,12 @@ import anyio
 import click
 import httpx
 from pymongo import DESCENDING
-from pymongo.errors import PyMongoError
 
 from .. import metrics
 from ..accounts import ParkedAccount
-from ..config import redact_uri
 from ..logs import redact
-from ..store import Names, Store, connect
-from .common import connection_options
+from ..store import Names, Store, open_client
+from .common import connection_options, mongo_from, pds_url_from
 
 __all__ = ["gather", "status"]
 
@@ -40,25 +37,16 @@ def status(as_json: bool, **kw: Any) -> None:
     """Checkpoint, lag, ledger, dead letters, last error, lease, parked accounts, launch.
 
     Read-only, from Mongo (PDS_URL, when set, is only probed for reachability).
-    Exit: 0 shown, 1 MongoDB unreachable.
+    Exit: 0 shown, 1 MongoDB unreachable, 2 usage.
     """
-    if not kw.get("mongodb_uri"):
-        raise click.UsageError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    names = Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
-    try:
-        report = anyio.run(_gather, kw["mongodb_uri"], kw["db_name"], names, kw.get("pds_url"))
-    except PyMongoError as exc:
-        click.echo(f"MongoDB {redact_uri(kw['mongodb_uri'])}: {redact(str(exc))}", err=True)
-        sys.exit(1)
+    uri, names = mongo_from(kw)
+    report = anyio.run(_gather, uri, kw["db_name"], names, pds_url_from(kw))
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
 
 
 async def _gather(uri: str, db: str, names: Names, pds_url: str | None) -> dict[str, Any]:
-    client = connect(uri)
-    try:
+    async with open_client(uri) as client:
         return await gather(Store(client, db, names), pds_url)
-    finally:
-        await client.close()
 
 
 async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
@@ -76,6 +64,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
     parked = await store.parked_accounts()
 
     live = _live(stats, now)
+    counters = _counters(stats, now)
     report: dict[str, Any] = {
         "at": _iso(now),
         "db": store.db.name,
@@ -93,6 +82,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
         "last_error": _last_error(stats, latest_dead),
         "parked_accounts": _parked_accounts(parked, now),
         "pds": await _probe(pds_url) if pds_url else None,
+        "counters": counters,
         "launch": {
             "users_with_account": users_with_account,
             "moods_in_mongo": moods_total,
@@ -146,6 +136,20 @@ def _live(stats: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
     out["started_at"] = _iso(_epoch(live.get("started_at")))
     out["fresh"] = bool(live.get("running", True)) and now - flushed <= 3 * interval + 5
     return out
+
+
+def _counters(stats: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    """How old the figures flushed by the running process are (the live view, the sync and
+    latency counters): it flushes every `interval` seconds, so they lag by up to that much;
+    the ledger counts and the checkpoint are read live."""
+    stats = stats or {}
+    live = stats.get("live") or {}
+    flushed = _epoch(stats.get("flushed_at")) or _epoch(live.get("flushed_at"))
+    return {
+        "flushed_at": _iso(flushed),
+        "age_seconds": round(max(0.0, now - flushed), 1) if flushed is not None else None,
+        "flush_interval_seconds": float(live.get("interval") or 10.0),
+    }
 
 
 def _lease(doc: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
@@ -258,7 +262,8 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"  replicator    running ({live.get('mode')}) pid {live.get('pid')} on "
             f"{live.get('host')}; stream {'open' if live.get('stream_open') else 'CLOSED'}, "
-            f"{'ready' if live.get('ready') else 'NOT READY'}, lag {_secs(r['lag_seconds'])}"
+            f"{'ready' if live.get('ready') else 'NOT READY'}, lag {_secs(r['lag_seconds'])} "
+            f"(as of {_ago(r['counters']['age_seconds'])})"
         )
     elif live:
         lines.append(f"  replicator    not running (last seen {live.get('flushed_at')})")
@@ -297,9 +302,14 @@ def render(r: dict[str, Any]) -> str:
     if r["pds"]:
         reachable = "reachable" if r["pds"]["reachable"] else "UNREACHABLE"
         lines.append(f"  pds           {r['pds']['url']} {reachable}")
-    la = r["launch"]
+    la, counters = r["launch"], r["counters"]
+    age = (
+        f"counters flushed {_ago(counters['age_seconds'])}, every "
+        f"{counters['flush_interval_seconds']:.0f}s while a replicator runs"
+        if counters["flushed_at"] else "no counters flushed yet"
+    )  # fmt: skip
     lines += [
-        "  launch",
+        f"  launch        ({age})",
         f"    users with an ATProto account  {la['users_with_account']}",
         f"    moods in Mongo                 {la['moods_in_mongo']}",
         f"    records on the PDS (ledger)    {la['records_on_pds']}",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from ..config import MONGODB_SCHEMES, check_url
 from .servers import EmbeddedMongo, LocalPDS, state_dir
 
 
@@ -40,6 +41,11 @@ class LocalStack:
         )
 
     def start(self) -> LocalStack:
+        """External servers are checked like `run` checks them (a bad URL: `ConfigError`)."""
+        if self.mongodb_uri is not None:
+            check_url("MONGODB_CONNECTION_STRING", self.mongodb_uri, MONGODB_SCHEMES)
+        if self.pds_url is not None:
+            check_url("PDS_URL", self.pds_url)
         _stop_on_signals(self)
         try:
             if self.mongodb_uri is None:
