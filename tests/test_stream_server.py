@@ -166,7 +166,13 @@ async def test_history_lost_while_reading_after_pymongo_resumes(
             assert await own.prune() > 0  # and so is the history it would resume from
             gate.set()
             await eventually(lambda: in_sync(rt, slow, other), 120, "reconciled after the loss")
-            assert replicator.stream_open
+
+            async def reopened() -> bool:  # the reconcile ends before the stream reopens
+                return replicator.stream_open
+
+            await eventually(reopened, 30, "the stream reopened after the recovery")
+            await insert_mood(rt.store, other.sub, "after the recovery", when=WHEN)
+            await eventually(lambda: in_sync(rt, slow, other), 30, "the stream goes on")
         assert "recovery" not in (await rt.store.load_checkpoint() or {})
 
 
