@@ -115,7 +115,7 @@ class Pds:
         """Why the PDS does not answer its health check within `seconds`; None if it does."""
         try:
             with anyio.fail_after(seconds):
-                await self.xrpc("_health")
+                await self.health()
         except (PdsError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
             return str(exc) or f"no answer within {seconds:.0f}s"
         return None

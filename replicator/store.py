@@ -300,12 +300,17 @@ class Store:
         await self.ledger.create_index("state")
         await self.dead_letters.create_index("user")
 
+    async def has_index(self, name: str, fields: Sequence[str]) -> bool:
+        """An index led by `fields` on the collection `name` (a compound one serves too)."""
+        async for index in await self.db[name].list_indexes():
+            if list(index["key"])[: len(fields)] == list(fields):
+                return True
+        return False
+
     async def _ensure_app_index(self, name: str, keys: dict[str, int], create: bool) -> None:
         collection = self.db[name]
-        fields = list(keys)
-        async for index in await collection.list_indexes():
-            if list(index["key"])[: len(fields)] == fields:  # a compound index serves too
-                return
+        if await self.has_index(name, list(keys)):
+            return
         if not create:
             what = "is missing (--no-create-indexes): a user's moods are read by a full scan until"
         else:

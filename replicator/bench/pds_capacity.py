@@ -135,23 +135,13 @@ async def single_commits(
     pds_url: str, users: Sequence[BenchUser], *, seconds: float, concurrency: int
 ) -> dict[str, Any]:
     """`createRecord` commits, `concurrency` in flight, each worker on its own repos."""
-    workers, ok, _, statuses, latencies, elapsed = await _drive(
+    driven = await _drive(
         pds_url, users, seconds=seconds, concurrency=concurrency,
         call=lambda user, n: ("com.atproto.repo.createRecord",
                               {"repo": user.did, "collection": LOAD_COLLECTION,
                                "record": _record(n)}, 1),
     )  # fmt: skip
-    return {
-        "commits": ok,
-        "records": ok,
-        "seconds": round(elapsed, 3),
-        "commits_per_s": round(ok / elapsed, 1),
-        "records_per_s": round(ok / elapsed, 1),
-        "concurrency": workers,
-        "errors": _errors(statuses),
-        "latency_ms_p50": _p(latencies, 50),
-        "latency_ms_p99": _p(latencies, 99),
-    }
+    return {**_figures(*driven, digits=1), "latency_ms_p99": _p(driven[4], 99)}
 
 
 async def apply_writes_batches(
@@ -167,16 +157,27 @@ async def apply_writes_batches(
     def call(user: BenchUser, n: int) -> Call:
         return APPLY_WRITES, {"repo": user.did, "writes": _creates(n, batch)}, batch
 
-    workers, ok, _, statuses, latencies, elapsed = await _drive(
-        pds_url, users, seconds=seconds, concurrency=concurrency, call=call
-    )
+    driven = await _drive(pds_url, users, seconds=seconds, concurrency=concurrency, call=call)
+    return {**_figures(*driven), "batch": batch}
+
+
+def _figures(
+    workers: int,
+    ok: int,
+    records: int,
+    statuses: Counter[int],
+    latencies: list[float],
+    elapsed: float,
+    *,
+    digits: int = 2,
+) -> dict[str, Any]:
+    """What every capacity run reports, from what `_drive` returns."""
     return {
         "commits": ok,
-        "records": ok * batch,
+        "records": records,
         "seconds": round(elapsed, 3),
-        "commits_per_s": round(ok / elapsed, 2),
-        "records_per_s": round(ok * batch / elapsed, 1),
-        "batch": batch,
+        "commits_per_s": round(ok / elapsed, digits),
+        "records_per_s": round(records / elapsed, 1),
         "concurrency": workers,
         "errors": _errors(statuses),
         "latency_ms_p50": _p(latencies, 50),
@@ -220,22 +221,14 @@ async def at_shape(
             body.update(rkey=from_object_id(ObjectId()), swapRecord=None)
         return f"com.atproto.repo.{name}", body, 1
 
-    workers, ok, records, statuses, latencies, elapsed = await _drive(
-        pds_url, users, seconds=seconds, concurrency=int(concurrency), call=call
-    )
+    driven = await _drive(pds_url, users, seconds=seconds, concurrency=int(concurrency), call=call)
+    ok, records = driven[1], driven[2]
     return {
-        "commits": ok,
-        "records": records,
-        "seconds": round(elapsed, 3),
-        "commits_per_s": round(ok / elapsed, 2),
-        "records_per_s": round(records / elapsed, 1),
+        **_figures(*driven),
         "records_per_commit": round(records / ok, 2) if ok else None,
         "shape_records_per_commit": shape.get("records_per_commit"),
-        "concurrency": workers,
         "repos": len(users),
         "calls": dict(sent),
-        "errors": _errors(statuses),
-        "latency_ms_p50": _p(latencies, 50),
     }
 
 

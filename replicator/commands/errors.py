@@ -47,7 +47,7 @@ class Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # click's own: usage errors, exits, Ctrl-C at a prompt
         except Exception as exc:  # a bug: its traceback (redacted), and the error exit code
-            click.echo(redact("".join(traceback.format_exception(exc))).rstrip(), err=True)
+            _print_traceback(exc)
             ctx.exit(error_exit(ctx))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -79,9 +79,13 @@ def debugging(ctx: click.Context) -> bool:
     )
 
 
+def _print_traceback(exc: BaseException) -> None:
+    click.echo(redact("".join(traceback.format_exception(exc))).rstrip(), err=True)
+
+
 def _fail(ctx: click.Context, exc: OperatorError, code: int) -> NoReturn:
     if debugging(ctx):
-        click.echo(redact("".join(traceback.format_exception(exc))).rstrip(), err=True)
+        _print_traceback(exc)
     where = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
     line = redact(f"{where}: {exc}")
     if os.environ.get("REPLICATOR_LOG_FORMAT") == "json":  # a log collector reads JSON lines
