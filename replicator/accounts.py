@@ -1,6 +1,13 @@
 """Accounts that cannot be written now, and why: the PDS says deactivated, taken down or
 suspended, or the DID document names another PDS (moved). All of these are reversible.
 
+`erased` is the one kind the replicator cannot get out of by itself: the app erased the user,
+the account still exists on the PDS, and no credential the replicator kept works any more
+(the stored session refused, the last password refused or never seen). Their records stay
+public until an operator acts (docs/runbook.md, "An erasure that cannot finish"); the gate
+re-checks, with backoff, whether the account was deleted meanwhile, and the user is released
+as soon as `users` gives them an account again (credentials restored).
+
 While an account is parked here, every write of its user is parked too, deletes included: a
 deactivated account hides its records without deleting them, so a delete that "succeeded"
 against it proves nothing. The gate re-checks each parked account with backoff
@@ -16,7 +23,7 @@ does not forget them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -26,7 +33,7 @@ from .errors import AccountGone, PdsError
 from .identity import Resolver, host_of, same_host
 from .model import Account
 
-Kind = Literal["unavailable", "moved"]
+Kind = Literal["unavailable", "moved", "erased"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class AccountGate:
     async def blocked(self, account: Account) -> str | None:
         """Why this account cannot be written now, or None."""
         parked = (await self._all()).get(account.did)
+        if parked is not None and parked.kind == "erased" and not account.erased:
+            await self.release(account.did)  # `users` has credentials for it again
+            parked = None
         if parked is not None:
             return parked.reason
         if self.resolver is not None:
@@ -89,6 +99,20 @@ class AccountGate:
                 await self.park(account, "moved", reason)
                 return reason
         return None
+
+    async def all_parked(self, dids: Iterable[str]) -> bool:
+        """Every one of these accounts waits on its own re-check (nothing to try before)."""
+        parked = await self._all()
+        return all(did in parked for did in dids)
+
+    async def release(self, did: str) -> None:
+        await self.store.release_account(did)
+        (await self._all()).pop(did, None)
+
+    def forget(self, did: str) -> None:
+        """An erased user's entry, once their records are gone (the store forgets it too)."""
+        if self._parked is not None:
+            self._parked.pop(did, None)
 
     async def park(self, account: Account, kind: Kind, reason: str) -> ParkedAccount:
         parked_all = await self._all()
@@ -120,8 +144,7 @@ class AccountGate:
             writable = False
         parked_all = await self._all()
         if writable:
-            await self.store.release_account(parked.did)
-            parked_all.pop(parked.did, None)
+            await self.release(parked.did)
             logger.bind(did=parked.did).info("account writable again ({}): reconciling",
                                              parked.reason)  # fmt: skip
             return True
@@ -141,6 +164,10 @@ class AccountGate:
             endpoint = await self.resolver.pds_of(parked.did)
             return endpoint is not None and same_host(endpoint, self.pds_url)
         status = await self.pds.repo_status(parked.did)
+        if parked.kind == "erased":
+            # Its credentials will not come back by themselves: only a deleted account (then
+            # AccountGone) or a `users` document with an account again (`blocked`) end it.
+            return False
         return bool(status.get("active"))
 
     async def counts(self) -> dict[str, int]:

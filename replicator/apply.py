@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,11 +39,11 @@ from .errors import (
 )
 from .ledger import Failure, LaneResult, changed, intents_for, parked_without_sending, settle
 from .ledger import sent_key as _key
-from .model import Account, LedgerEntry, State, Write
+from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .rollout import NOT_ENABLED
-from .store import Store
+from .store import Store, sub_hash
 from .writer import RepoWriter
 
 LANE_DEADLINE = 60.0
@@ -106,8 +106,13 @@ class Applier:
                 unknown_deletes.add(hint)
             by_user.setdefault(user, []).append(mood_id)
         accounts = await self.store.accounts(u for u in by_user if u)
+        erased, forgotten = await self._erasures(
+            {u for u in by_user if u and accounts.get(u) is None}, ledger.values(), unknown_deletes
+        )
         plans = []
         for user, mood_ids in by_user.items():
+            if user in erased or user in forgotten:
+                continue  # erased below, or erased already: nothing is recorded under them
             account = accounts.get(user) if user else None
             desired = [
                 desired_state(i, docs.get(i), has_account=account is not None) for i in mood_ids
@@ -125,6 +130,8 @@ class Applier:
         }  # fmt: skip
         for user in sorted(again | {u for u in unknown_deletes if accounts.get(u)}):
             outcome.merge(await self.reconcile_user(user, fix=True))
+        for user in sorted(erased):  # after the sweeps: one user's erasure is one reconcile
+            outcome.merge(await self.reconcile_user(user, fix=True))
         return outcome
 
     async def reconcile_user(self, sub: str, *, fix: bool = True) -> Outcome:
@@ -132,25 +139,23 @@ class Applier:
         docs: dict[ObjectId, dict[str, Any]] = {}
         read = await self.store.moods_of_user(sub)
         snapshot = docs_fingerprint(read)
+        ledger = await self.store.ledger_of_user(sub)
+        account = (await self.store.accounts([sub]))[sub]
+        if account is None:
+            if (credentials := await self._erased(sub, ledger)) is not None:
+                return await self._erase(sub, credentials, ledger, snapshot)
+            if await self.store.forgotten([sub]):
+                return Outcome(snapshot=snapshot)  # erased and forgotten: nothing to record
         for d in read:
             if isinstance(d["_id"], ObjectId):
                 docs[d["_id"]] = d
             elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
                 await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
-        ledger = await self.store.ledger_of_user(sub)
-        account = (await self.store.accounts([sub]))[sub]
+        if not self.dry_run:  # letters of moods gone for good (their delete event lost, say)
+            await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
         ids = list(dict.fromkeys([*docs, *ledger]))
         desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
-        remote = None
-        blocked = await self.gate.blocked(account) if account and self.gate else None
-        if account is not None and blocked is None:
-            try:
-                remote = await self.writer.pds.list_records(account.did)
-            except AccountGone:
-                remote = []  # the repo is gone: nothing to delete, puts get parked
-            except AccountUnavailable as exc:
-                if self.gate is not None:
-                    await self.gate.park(account, "unavailable", exc.reason)
+        remote = await self._listing(account) if account is not None else None
         plan = plan_user(
             sub, account, desired, ledger, tid.from_object_id,
             remote=remote, whole_user=remote is not None, fix=fix,
@@ -160,6 +165,125 @@ class Applier:
             outcome.counts["records_listed"] += len(remote)
             outcome.counts["users_with_account"] += 1
         outcome.snapshot = snapshot
+        return outcome
+
+    async def _listing(self, account: Account) -> list[RemoteRecord] | None:
+        """Every record of the account's collection: the truth a reconcile plans against.
+        None when it cannot be read now (the account is parked); [] when the repo is gone."""
+        if self.gate is not None and await self.gate.blocked(account) is not None:
+            return None
+        try:
+            return await self.writer.pds.list_records(account.did)
+        except AccountGone:
+            return []  # the repo is gone: nothing to delete, puts get parked
+        except AccountUnavailable as exc:
+            if self.gate is not None:
+                await self.gate.park(account, "unavailable", exc.reason)
+            return None
+
+    # -- erasure ------------------------------------------------------------------------------
+
+    async def erase_user(self, sub: str) -> Outcome:
+        """The app erased this user (the `users` stream saw it): noted durably first, so the
+        erasure is finished even if no DID of theirs is known and the process dies."""
+        if not self.dry_run:
+            await self.store.begin_erasure(sub, ())
+        return await self.reconcile_user(sub)
+
+    async def _pending_erasures(self) -> Outcome:
+        """Erasures a crash interrupted (no event is left to replay them) are finished; one
+        whose user has `atproto` again (credentials restored) is not an erasure any more."""
+        outcome = Outcome()
+        pending = await self.store.pending_erasures()
+        gone = await self.store.users_gone(pending)
+        for sub, dids in sorted(pending.items()):
+            if sub not in gone:
+                await self.store.cancel_erasure(sub)
+            elif self.gate is None or not dids or not await self.gate.all_parked(dids):
+                outcome.merge(await self.reconcile_user(sub))
+        return outcome
+
+    async def _erasures(
+        self, without_account: set[str], entries: Iterable[LedgerEntry], deleted: set[str]
+    ) -> tuple[set[str], set[str]]:
+        """Of the users of a batch that `users` gives no account: those erased and forgotten
+        already (nothing is recorded under them again), and those the app is erasing (a DID
+        of theirs is known, or their document is gone): erased by a reconcile after the
+        batch. `deleted`: owners of deleted moods the ledger never knew (pre-images)."""
+        if not without_account:
+            return set(), set()
+        forgotten = await self.store.forgotten(without_account)
+        rest = without_account - forgotten
+        known = {e.user for e in entries if e.user in rest and (e.did or e.held)}
+        gone = await self.store.users_gone(known | (deleted & rest))
+        return {u for u, document_gone in gone.items() if u in known or document_gone}, forgotten
+
+    async def _erased(
+        self, sub: str, ledger: Mapping[ObjectId, LedgerEntry]
+    ) -> dict[str, str | None] | None:
+        """None if the app did not erase this user (their document has `atproto`; or it has
+        none and no DID of theirs was ever known; or they are forgotten already). Else their
+        DIDs, the last first, each with the last password seen for it: {} when their document
+        is gone but no repo of theirs is known (what was recorded of them is forgotten)."""
+        gone = await self.store.users_gone([sub])
+        if sub not in gone:
+            return None
+        kept = await self.store.credentials_of(sub)
+        begun = (await self.store.pending_erasures()).get(sub)
+        held = (d for e in ledger.values() for d in (e.did, *(h[0] for h in e.held)))
+        known = {d: kept.get(d) for d in dict.fromkeys([*kept, *held, *(begun or ())]) if d}
+        if known or begun is not None:
+            return known
+        if gone[sub] and (ledger or not await self.store.forgotten([sub])):
+            return {}
+        return None
+
+    async def _erase(
+        self,
+        sub: str,
+        credentials: Mapping[str, str | None],
+        ledger: dict[ObjectId, LedgerEntry],
+        snapshot: str,
+    ) -> Outcome:
+        """Delete every record of an erased user, in each repo of theirs, with the last
+        credentials that still work; forget them once the PDS confirmed it: each repo listed
+        and every record in it deleted, or the repo gone. Otherwise nothing is marked done:
+        what is left stays in the ledger (and the user parked, when no credential works)."""
+        outcome = Outcome(snapshot=snapshot)
+        outcome.users.add(sub)
+        if not self.dry_run and credentials:
+            await self.store.begin_erasure(sub, credentials.keys())
+        confirmed = True
+        for did, password in credentials.items():
+            account = Account(sub, did, None, password or "", erased=True)
+            remote = await self._listing(account)
+            desired = [Desired(i, sub, State.ABSENT, reason=ERASED) for i in ledger]
+            plan = plan_user(
+                sub, account, desired, ledger, tid.from_object_id,
+                remote=remote, whole_user=remote is not None, fix=True,
+            )  # fmt: skip
+            done, _ = await self._execute([_as_erasure(plan)], ledger, sweeping=True)
+            outcome.merge(done)
+            outcome.counts["records_listed"] += len(remote or ())
+            confirmed = confirmed and remote is not None and not done.counts["parked"]
+            ledger = await self.store.ledger_of_user(sub)
+        if self.dry_run:
+            return outcome
+        if not confirmed or any(e.held for e in ledger.values()):
+            outcome.counts["erasures_unfinished"] += 1
+            return outcome
+        deleted = outcome.counts["delete"] + outcome.counts["delete_orphan"]
+        crashpoints.hit("forget")
+        await self.store.forget_user(sub, credentials.keys(), deleted)
+        for did in credentials:
+            self.writer.sessions.forget(did)
+            if self.gate is not None:
+                self.gate.forget(did)
+        outcome.counts["erasures"] += 1
+        metrics.observe_erasure()
+        logger.info("an erased user's records are gone ({} deleted, {} repo(s)); nothing of "
+                    "them is kept but sha256(sub) {}", deleted, len(credentials),
+                    sub_hash(sub)[:16])  # fmt: skip
         return outcome
 
     async def retry_parked(self) -> Outcome:
@@ -176,6 +300,8 @@ class Applier:
                     outcome.merge(await self.reconcile_user(parked.sub))
         if retry_parked:
             outcome.merge(await self.retry_parked())
+            if not self.dry_run:
+                outcome.merge(await self._pending_erasures())
         return outcome
 
     # -- the core of it ---------------------------------------------------------------------
@@ -360,7 +486,7 @@ class Applier:
                 result.failure = Failure("unavailable", exc.reason, 3600.0)
             except AuthFailed as exc:
                 why = f"PDS refused the account's password ({exc.error or exc.status})"
-                result.failure = Failure("auth", why)
+                result.failure = await self._refused(account, why)
             except RateLimited as exc:
                 wait = exc.retry_after or 60.0
                 why = f"PDS write budget exhausted for this account; retry in {wait:.0f}s"
@@ -373,6 +499,21 @@ class Applier:
             why = f"PDS did not take this account's writes within {self.lane_deadline:.0f}s"
             result.failure = Failure("stuck", why)
         return result
+
+    async def _refused(self, account: Account, why: str) -> Failure:
+        """A login refused. For an erased user that means no credential works any more: done
+        only if the account is gone too; otherwise the user is parked `erased` (their records
+        still public) until an operator acts (docs/runbook.md)."""
+        if not account.erased:
+            return Failure("auth", why)
+        try:
+            await self.writer.pds.repo_status(account.did)
+        except AccountGone:
+            return Failure("gone", "account gone from PDS")
+        reason = f"erased, but no credential works any more ({why}): records still public"
+        if self.gate is not None:
+            await self.gate.park(account, "erased", reason)
+        return Failure("erased", reason, 3600.0)
 
     async def _one_by_one(
         self, account: Account, chunk: Sequence[Write], result: LaneResult
@@ -433,6 +574,21 @@ class Applier:
                 fixed.append(mood_id)
         await self.store.dead_letter_many(letters)
         await self.store.clear_dead_letters(fixed)
+
+
+ERASED = "user erased"
+
+
+def _as_erasure(plan: UserPlan) -> UserPlan:
+    """What an erasure finds in the repo it is erasing is reported as such: records of a user
+    who is gone. (Those in their other repos are found by those repos' own passes.)"""
+    did = plan.account.did if plan.account else None
+
+    def ours(findings: list[Finding]) -> list[Finding]:
+        return [replace(f, kind="erased") for f in findings if f.did == did]
+
+    moods = [replace(m, findings=ours(m.findings)) for m in plan.moods]
+    return replace(plan, moods=moods, findings=ours(plan.findings))
 
 
 def _refuse(result: LaneResult, write: Write, exc: Exception) -> None:

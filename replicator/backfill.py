@@ -26,7 +26,7 @@ import orjson
 
 from .apply import Applier, Outcome, docs_fingerprint
 from .desired import valid_user
-from .store import Store
+from .store import Store, sub_hash
 
 MAX_PASSES = 5
 RUN_ID = "backfill"
@@ -169,7 +169,7 @@ class Backfill:
         started = time.monotonic()
         scope = scope or hashlib.sha256(orjson.dumps(sorted(users))).hexdigest()
         run_id, done = await self._resume_point(scope, restart)
-        todo = [u for u in users if u not in done]
+        todo = [u for u in users if sub_hash(u) not in done]
         report = Report(users=len(todo), skipped_users_done_before=len(users) - len(todo),
                         dry_run=self.applier.dry_run)  # fmt: skip
         progress = Progress(total_users=len(todo))

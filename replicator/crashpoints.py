@@ -14,6 +14,7 @@ dictionary lookup. The points, in the order a batch passes them:
 | `checkpoint` | a resume token is saved                                            |
 | `sweep`      | a purge sweep's PDS write (a user left with no live mood)          |
 | `recovery`   | a user reconciled during history-loss (or reset-position) recovery |
+| `forget`     | an erased user's records confirmed gone, before they are forgotten |
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import signal
 
 ENV = "REPLICATOR_CRASH_AT"
-POINTS = ("intent", "pds_call", "write_back", "ledger", "checkpoint", "sweep", "recovery")
+POINTS = ("intent", "pds_call", "write_back", "ledger", "checkpoint", "sweep", "recovery", "forget")
 
 
 def _parse(spec: str | None) -> tuple[str, int] | None:

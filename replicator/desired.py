@@ -34,6 +34,7 @@ JS_WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + 
     chr(c) for c in range(0x2000, 0x200B)
 )
 PREVIEW_CHARS = 40
+DOCUMENT_DELETED = "document deleted"
 
 
 class InvalidMood(ValueError):
@@ -233,7 +234,7 @@ def desired_state(
     """The record a mood should have: present iff the document exists, is not nuked, its user
     has an account and it makes a valid record."""
     if doc is None:
-        return Desired(mood_id, None, State.ABSENT, reason="document deleted")
+        return Desired(mood_id, None, State.ABSENT, reason=DOCUMENT_DELETED)
     user = valid_user(doc.get("user"))
     rkey = doc_rkey(doc)
     deleted = doc.get("deleted")

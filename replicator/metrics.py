@@ -40,7 +40,7 @@ SYNC_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.
 EVENTS = Counter(
     "replicator_events_total",
     "Moods applied, by what the PDS needed (put, delete, delete_orphan, write, none) and how "
-    "it went (ok, failed, invalid, unchanged, skipped, not_enabled, dry_run).",
+    "it went (ok, failed, invalid, unchanged, skipped, stranded, not_enabled, dry_run).",
     ["operation", "outcome"],
     registry=REGISTRY,
 )
@@ -121,11 +121,17 @@ PARKED_ACCOUNTS = Gauge(
     "replicator_parked_accounts",
     "Accounts whose writes are parked until they can be written again, by reason: "
     "deactivated, takendown, suspended (the PDS says so), moved (the DID document names "
-    "another PDS), unavailable (any other).",
+    "another PDS), erased (the app erased the user and no credential the replicator kept "
+    "works: their records are still public until an operator acts), unavailable (any other).",
     ["reason"],
     registry=REGISTRY,
 )
-PARKED_REASONS = ("deactivated", "takendown", "suspended", "moved", "unavailable")
+PARKED_REASONS = ("deactivated", "takendown", "suspended", "moved", "erased", "unavailable")
+ERASURES = Counter(
+    "replicator_erasures_total",
+    "Erased users whose records the PDS confirmed gone, after which the replicator forgot them.",
+    registry=REGISTRY,
+)
 REPAIRS = Counter(
     "replicator_repairs_total",
     "Writes made to repair a divergence found by a reconciliation (audit --fix), by operation.",
@@ -240,8 +246,8 @@ def observe_repairs(counts: Mapping[str, int]) -> None:
 
 def parked_reason(kind: str, reason: str) -> str:
     """A parked account's reason as a label value: one of `PARKED_REASONS`, never a host."""
-    if kind == "moved":
-        return "moved"
+    if kind in ("moved", "erased"):
+        return kind
     for word in PARKED_REASONS[:3]:
         if f"account {word} " in reason:
             return word
@@ -253,6 +259,11 @@ def observe_parked_accounts(parked: Iterable[tuple[str, str]]) -> None:
     counts = Tally(parked_reason(kind, reason) for kind, reason in parked)
     for label in PARKED_REASONS:
         PARKED_ACCOUNTS.labels(label).set(counts.get(label, 0))
+
+
+def observe_erasure() -> None:
+    """An erased user's records confirmed gone, and the user forgotten."""
+    ERASURES.inc()
 
 
 def note_error(message: str) -> None:

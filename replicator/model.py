@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -16,10 +16,14 @@ class State(StrEnum):
 
     PRESENT = "present"  # the PDS holds the record (did, rkey) with this content hash
     PENDING = "pending"  # a write is (or was) in flight: the record may or may not be there
-    ABSENT = "absent"  # no record: the mood is deleted or gone; rkey kept for an un-nuke
+    ABSENT = "absent"  # no record anywhere, as the PDS confirmed; rkey kept for an un-nuke
     SKIPPED = "skipped"  # no record by policy: the user has no ATProto account / not enabled
     INVALID = "invalid"  # the document cannot become a valid record (reason says why)
     PARKED = "parked"  # could not be applied now (e.g. wrong password); retried later
+    # No record is wanted, but one may remain in a repo the user's credentials no longer
+    # reach (a DID they had before): `held` says where; audit reports it as stale. Never
+    # `absent`: the ledger says a record is gone only once the PDS confirmed it.
+    STRANDED = "stranded"
 
 
 Location = tuple[str, str]  # (did, rkey): where a record of a mood may be
@@ -27,10 +31,14 @@ Location = tuple[str, str]  # (did, rkey): where a record of a mood may be
 
 @dataclass(frozen=True)
 class Account:
+    """Credentials for one repo. `erased`: the user left `users` (or lost `atproto`); this is
+    their last DID with the last credentials seen, good only for deleting their records."""
+
     sub: str
     did: str
     handle: str | None
     password: str = field(repr=False)
+    erased: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,14 @@ class LedgerEntry:
     def __post_init__(self) -> None:
         if self.state is State.PRESENT and not self.held and self.did and self.rkey:
             object.__setattr__(self, "held", ((self.did, self.rkey),))
+
+    def settled(self, deleted: bool) -> LedgerEntry:
+        """As kept once done. The entry of a deleted document whose records are confirmed
+        gone keeps no owner (user, DID): nothing of it is left to find, and an erased user
+        must not stay named by it."""
+        if deleted and self.state is State.ABSENT and not self.held:
+            return replace(self, user=None, did=None)
+        return self
 
     @property
     def on_pds(self) -> bool:

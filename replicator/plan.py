@@ -14,10 +14,19 @@ from typing import Literal
 
 from bson import ObjectId
 
+from .desired import DOCUMENT_DELETED
 from .model import Account, Desired, LedgerEntry, Location, RemoteRecord, State, Write
 
 FindingKind = Literal[
-    "missing", "mismatch", "duplicate", "orphan", "stale", "invalid", "skipped", "parked"
+    "missing",
+    "mismatch",
+    "duplicate",
+    "orphan",
+    "stale",
+    "invalid",
+    "skipped",
+    "parked",
+    "erased",
 ]
 
 
@@ -119,11 +128,14 @@ def plan_mood(
     derive: Callable[[ObjectId], str],
     *,
     fix: bool = True,
+    owner: str | None = None,
 ) -> MoodPlan:
+    """`owner`: whose the mood is when neither its document nor the ledger says (a deleted
+    mood the ledger never knew, named by the event's pre-image)."""
     mood_id = desired.mood_id
     did = account.did if account else (entry.did if entry else None)
     held = _held(mood_id, entry, account, remote)
-    user = desired.user or (entry.user if entry else None)
+    user = desired.user or (entry.user if entry else None) or owner
     findings: list[Finding] = []
     # Only the account's own repo can be written with its credentials: a record left in a
     # repo of a DID the user no longer has (or of a user with no account now) is reported and
@@ -213,9 +225,13 @@ def plan_mood(
     keep_rkey = (
         desired.doc_rkey or (entry.rkey if entry else None) or (held[0][1] if held else None)
     )
+    if stranded:  # not gone: no write of ours can confirm it, so never `absent`
+        state = State.STRANDED
     new_entry = LedgerEntry(
         mood_id, user, state, did, keep_rkey, None, None, desired.reason, held=tuple(stranded)
     )
+    if not writes:
+        new_entry = new_entry.settled(desired.reason == DOCUMENT_DELETED)
     return MoodPlan(mood_id, desired, writes, new_entry, None, findings)
 
 
@@ -242,7 +258,10 @@ def plan_user(
     """Plan one user's moods. With `remote` and `whole_user`, every listed record that no live
     mood claims is an orphan (deleted when `fix`), so the collection ends up exactly desired."""
     index = RemoteIndex(remote) if remote is not None else None
-    moods = [plan_mood(d, ledger.get(d.mood_id), account, index, derive, fix=fix) for d in desired]
+    moods = [
+        plan_mood(d, ledger.get(d.mood_id), account, index, derive, fix=fix, owner=user)
+        for d in desired
+    ]
     plan = UserPlan(user, account, moods)
     if index is not None and whole_user and account is not None:
         planned = {str(d.mood_id) for d in desired}

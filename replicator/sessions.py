@@ -2,12 +2,16 @@
 
 The PDS allows 30 `createSession` per 5 minutes and 300 per day per account: logging in per
 write (what the app's inline writer did) or on every restart would lock busy users out.
+
+A stored session also keeps whose it is and the last password seen for it: when the app erases
+a user (their `users` document, and the password in it, gone), these are the last credentials
+that can still delete their records. Once the erasure is confirmed they are forgotten.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -21,6 +25,27 @@ from .pds import Pds
 class Session:
     access: str
     refresh: str
+    sub: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def remembers(self, account: Account) -> bool:
+        """Whose it is and the password are what `users` says now."""
+        return self.sub == account.sub and self.password == account.password
+
+
+def session_from_doc(doc: Mapping[str, Any]) -> Session:
+    return Session(str(doc["access"]), str(doc["refresh"]), doc.get("sub"), doc.get("password"))
+
+
+def session_to_doc(session: Session) -> dict[str, Any]:
+    doc = {"access": session.access, "refresh": session.refresh, "sub": session.sub}
+    if session.password:
+        doc["password"] = session.password
+    return doc
+
+
+def _of(account: Account, access: str, refresh: str) -> Session:
+    return Session(access, refresh, account.sub, account.password or None)
 
 
 class SessionStore(Protocol):
@@ -51,6 +76,9 @@ class SessionPool:
         return len(self._cache)
 
     async def _login(self, account: Account) -> Session:
+        if not account.password:  # an erased user's session was its last credential
+            raise AuthFailed("com.atproto.server.createSession", 0, "NoPassword",
+                             "no password is known for this account")  # fmt: skip
         try:
             out = await self.pds.retrying(
                 lambda: self.pds.xrpc(
@@ -63,7 +91,7 @@ class SessionPool:
         self.logins += 1
         if self._on_login:
             self._on_login(account.did)
-        session = Session(out["accessJwt"], out["refreshJwt"])
+        session = _of(account, out["accessJwt"], out["refreshJwt"])
         await self.store.save_session(account.did, session)
         return session
 
@@ -77,7 +105,7 @@ class SessionPool:
         except (TokenRejected, Rejected):
             return await self._login(account)  # refresh token expired or revoked: log in once
         self.refreshes += 1
-        session = Session(out["accessJwt"], out["refreshJwt"])
+        session = _of(account, out["accessJwt"], out["refreshJwt"])
         await self.store.save_session(account.did, session)
         return session
 
@@ -88,9 +116,19 @@ class SessionPool:
         async with self._lock(account.did):
             cached = self._cache.get(account.did)
             if cached is None:
-                cached = await self.store.load_session(account.did) or await self._login(account)
+                cached = await self.store.load_session(account.did)
+                if cached is None:
+                    cached = await self._login(account)
+                elif not account.erased and not cached.remembers(account):
+                    cached = replace(cached, sub=account.sub, password=account.password or None)
+                    await self.store.save_session(account.did, cached)
                 self._cache[account.did] = cached
             return cached
+
+    def forget(self, did: str) -> None:
+        """An erased user's session, once their records are gone."""
+        self._cache.pop(did, None)
+        self._locks.pop(did, None)
 
     async def _renew(self, account: Account, stale: Session) -> Session:
         async with self._lock(account.did):

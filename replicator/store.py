@@ -9,6 +9,7 @@ without a date parser.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -42,7 +43,7 @@ from .errors import ConfigError, OperatorError, Unavailable
 from .lease import Fence, Fenced
 from .logs import redact_uri
 from .model import Account, LedgerEntry, Location, State
-from .sessions import Session
+from .sessions import Session, session_from_doc, session_to_doc
 
 # What the stream loop reads of a moods change event: which document, what happened, when.
 # The document itself is read by `_id` when the event is applied (so a replay converges on
@@ -93,6 +94,10 @@ class Names:
     @property
     def accounts(self) -> str:
         return f"{self.prefix}accounts"
+
+    @property
+    def erasures(self) -> str:
+        return f"{self.prefix}erasures"
 
 
 SERVER_SELECTION_MS = 10_000
@@ -190,6 +195,19 @@ def account_from_user(doc: Mapping[str, Any] | None) -> Account | None:
     return Account(str(doc["_id"]), did, handle if isinstance(handle, str) else None, password)
 
 
+def user_gone(doc: Mapping[str, Any] | None) -> bool:
+    """The app erases a user by deleting the `users` document or unsetting its `atproto`:
+    either, for a user the replicator knows a DID of, means "erase their records". An
+    `atproto` that is there but unusable (no password, say) is not an erasure: a typo must
+    never delete anyone's records."""
+    return doc is None or doc.get("atproto") is None
+
+
+def sub_hash(sub: str) -> str:
+    """What stays of an erased user: `sha256(sub)`, as the app keeps in its tombstones."""
+    return hashlib.sha256(sub.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _held(doc: Mapping[str, Any]) -> tuple[Location, ...]:
     if "held" in doc:
         return tuple((str(h[0]), str(h[1])) for h in doc.get("held") or ())
@@ -282,6 +300,7 @@ class Store:
         self.sessions: AsyncCollection[Doc] = self.db[names.sessions]
         self.dead_letters: AsyncCollection[Doc] = self.db[names.dead_letters]
         self.parked: AsyncCollection[Doc] = self.db[names.accounts]
+        self.erasures: AsyncCollection[Doc] = self.db[names.erasures]
         self.runs: AsyncCollection[Doc] = self.db[f"{names.prefix}backfill"]
         # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
         self.checkpoint_name = f"checkpoint:{names.moods}"
@@ -299,6 +318,7 @@ class Store:
         await self.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
         await self.ledger.create_index("state")
         await self.dead_letters.create_index("user")
+        await self.sessions.create_index("sub")
 
     async def has_index(self, name: str, fields: Sequence[str]) -> bool:
         """An index led by `fields` on the collection `name` (a compound one serves too)."""
@@ -342,6 +362,18 @@ class Store:
             async for doc in self.users.find({"_id": {"$in": wanted}}):
                 found[str(doc["_id"])] = account_from_user(doc)
         return found
+
+    async def users_gone(self, subs: Iterable[str]) -> dict[str, bool]:
+        """Which of these users have no `atproto` in `users` (`user_gone`), each with whether
+        their document is gone altogether."""
+        wanted = sorted(set(subs))
+        if not wanted:
+            return {}
+        there = {
+            str(d["_id"]): d
+            async for d in self.users.find({"_id": {"$in": wanted}}, {"atproto": 1})
+        }
+        return {sub: sub not in there for sub in wanted if user_gone(there.get(sub))}
 
     async def user_of_mood(self, mood_id: Any) -> Any:
         """The `user` field of a mood, read by `_id` (any `_id`, an unusable one included)."""
@@ -533,6 +565,8 @@ class Store:
         records the ledger never knew is still someone to clean up."""
         found = set(await self.moods.distinct("user")) | set(await self.ledger.distinct("user"))
         found |= set(await self.users.distinct("_id", {"atproto.did": {"$type": "string"}}))
+        found |= set(await self.sessions.distinct("sub")) | set(await self.parked.distinct("sub"))
+        found |= set(await self.dead_letters.distinct("user"))
         return sorted(u for u in found if isinstance(u, str))
 
     # -- backfill and recovery runs: resumable, user by user ------------------------------------
@@ -553,11 +587,13 @@ class Store:
         )
 
     async def users_done(self, run: str) -> set[str]:
+        """The users the run finished, as `sub_hash`es: a progress mark must not name anyone
+        (an erased user's is kept, and that must not be their sub)."""
         return {str(d["_id"]) async for d in self.runs.find({"run": run}, {"_id": 1})}
 
     async def user_done(self, run: str, sub: str) -> None:
         await self.runs.update_one(
-            {"_id": sub}, {"$set": {"run": run, "done_at": time.time()}}, upsert=True
+            {"_id": sub_hash(sub)}, {"$set": {"run": run, "done_at": time.time()}}, upsert=True
         )
 
     # -- parked accounts (accounts.AccountStore) -------------------------------------------------
@@ -594,15 +630,75 @@ class Store:
         doc = await self.sessions.find_one({"_id": did})
         if not doc:
             return None
-        return Session(doc["access"], doc["refresh"])
+        return session_from_doc(doc)
 
     async def save_session(self, did: str, session: Session) -> None:
         await self.sessions.update_one(
-            {"_id": did},
-            {"$set": {"access": session.access, "refresh": session.refresh,
-                      "saved_at": time.time()}},
+            {"_id": did}, {"$set": {**session_to_doc(session), "saved_at": time.time()}},
             upsert=True,
         )  # fmt: skip
+
+    async def credentials_of(self, sub: str) -> dict[str, str | None]:
+        """Every DID this user had a session for, newest first, with the last password seen
+        for it: what an erasure deletes their records with once `users` no longer says."""
+        cursor = self.sessions.find({"sub": sub}, {"password": 1}).sort("saved_at", -1)
+        return {str(d["_id"]): d.get("password") async for d in cursor}
+
+    # -- erasure ------------------------------------------------------------------------------
+
+    async def begin_erasure(self, sub: str, dids: Collection[str]) -> None:
+        """The durable note that this user's erasure is under way, and in which repos: what
+        finishes it after a crash, when no replayed event would (`pending_erasures`)."""
+        self.fence.check()
+        await self.erasures.update_one(
+            {"_id": sub_hash(sub)},
+            {"$set": {"sub": sub}, "$addToSet": {"dids": {"$each": sorted(dids)}},
+             "$setOnInsert": {"started_at": time.time()}},
+            upsert=True,
+        )  # fmt: skip
+
+    async def pending_erasures(self) -> dict[str, list[str]]:
+        """Erasures begun and not finished: sub → the DIDs being erased."""
+        cursor = self.erasures.find({"sub": {"$exists": True}}, {"sub": 1, "dids": 1})
+        return {str(d["sub"]): [str(x) for x in d.get("dids") or ()] async for d in cursor}
+
+    async def cancel_erasure(self, sub: str) -> None:
+        """`users` has `atproto` again: not an erasure (a mark of an earlier one stays)."""
+        self.fence.check()
+        key = sub_hash(sub)
+        await self.erasures.delete_one({"_id": key, "erased_at": {"$exists": False}})
+        await self.erasures.update_one({"_id": key}, {"$unset": {"sub": "", "dids": ""}})
+
+    async def forgotten(self, subs: Iterable[str]) -> set[str]:
+        """Which of these users were erased and forgotten (their hash is all that is left)."""
+        by_hash = {sub_hash(s): s for s in set(subs)}
+        if not by_hash:
+            return set()
+        query = {"_id": {"$in": sorted(by_hash)}, "sub": {"$exists": False}}
+        return {by_hash[d["_id"]] async for d in self.erasures.find(query, {"_id": 1})}
+
+    async def forget_user(self, sub: str, dids: Collection[str], records_deleted: int) -> None:
+        """Once an erased user's records are confirmed gone, nothing that names them stays:
+        only `sha256(sub)` (so moods the app may have left are not recorded under them
+        again). The note of the erasure under way loses their sub last: a crash in between
+        leaves it pending, and it is finished again."""
+        self.fence.check()
+        ids = sorted(dids)
+        named = {"$or": [{"user": sub}, {"did": {"$in": ids}}]}
+        await self.parked.delete_many({"$or": [{"sub": sub}, {"_id": {"$in": ids}}]})
+        await self.sessions.delete_many({"$or": [{"sub": sub}, {"_id": {"$in": ids}}]})
+        await self.dead_letters.delete_many(named)
+        await self.runs.delete_many({"_id": sub})  # progress marks of earlier releases
+        await self.ledger.delete_many(named)
+        await self.erasures.update_one(
+            {"_id": sub_hash(sub)},
+            {"$set": {"erased_at": time.time()}, "$unset": {"sub": "", "dids": ""},
+             "$inc": {"records_deleted": records_deleted}},
+            upsert=True,
+        )  # fmt: skip
+
+    async def erasure_count(self) -> int:
+        return await self.erasures.count_documents({"sub": {"$exists": False}})
 
     # -- dead letters -------------------------------------------------------------------------
 
@@ -622,7 +718,7 @@ class Store:
         await self.dead_letters.bulk_write(
             [
                 UpdateOne(
-                    {"_id": str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)},
+                    {"_id": letter_key(mood_id)},
                     {
                         "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
                         "$setOnInsert": {"first_at": now},
@@ -642,8 +738,19 @@ class Store:
         if ids:
             await self.dead_letters.delete_many({"_id": {"$in": [str(i) for i in ids]}})
 
+    async def clear_dead_letters_but(self, sub: str, keep: Iterable[Any]) -> None:
+        """A user's letters about moods that are neither in `moods` nor in the ledger: nothing
+        is left to report (a reconcile read both)."""
+        kept = sorted({letter_key(i) for i in keep})
+        await self.dead_letters.delete_many({"user": sub, "_id": {"$nin": kept}})
+
     async def dead_letter_count(self) -> int:
         return await self.dead_letters.count_documents({})
+
+
+def letter_key(mood_id: Any) -> str:
+    """A dead letter's `_id`: the mood id in hex, or the repr of an id that is no ObjectId."""
+    return str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
 
 
 def _not_newer_than(generation: int | None) -> dict[str, Any]:

@@ -20,7 +20,8 @@ Positions that cannot be resumed never mean "start from now" silently:
   recovery from "now"). See docs/runbook.md.
 
 The `users` collection is followed too (its own stream and checkpoint): a user who gets an
-ATProto account, a new DID or a new password is reconciled between batches.
+ATProto account, a new DID or a new password is reconciled between batches, and so is one the
+app erases (their document deleted, or `atproto` removed): their records are deleted.
 """
 
 from __future__ import annotations
@@ -112,10 +113,18 @@ def cluster_seconds(change: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _account_changed(change: Mapping[str, Any]) -> bool:
-    """A `users` event that may give a user an account, a new DID or a new password."""
+def _erasing(change: Mapping[str, Any]) -> bool:
+    """A `users` event by which the app erases a user: the document deleted, or `atproto`
+    removed (AC-RECORD-TYPES.md, "Account erasure")."""
     op = change.get("operationType")
-    if op in ("insert", "replace"):
+    return op == "delete" or (op == "update" and "atproto" in (change.get("removed") or ()))
+
+
+def _account_changed(change: Mapping[str, Any]) -> bool:
+    """A `users` event that may give a user an account, a new DID or a new password, or erase
+    them (the document deleted, or `atproto` removed)."""
+    op = change.get("operationType")
+    if op in ("insert", "replace", "delete"):
         return True
     if op != "update":
         return False
@@ -165,7 +174,7 @@ class Replicator:
         self.last_checkpoint_at: float | None = None
         self.checkpoints_saved = 0
         self._saved_token: Mapping[str, Any] | None = None
-        self._users_due: dict[str, None] = {}
+        self._users_due: dict[str, bool] = {}  # sub → erased by the event
         self._users_token: Mapping[str, Any] | None = None
         self._users_saved: Mapping[str, Any] | None = None
         self._users_saved_at: float | None = None
@@ -417,6 +426,8 @@ class Replicator:
             else:
                 reason = bad_id_reason(mood_id)
                 user = valid_user(await self.store.user_of_mood(mood_id))
+                if user is not None and await self.store.forgotten([user]):
+                    user = None  # an erased user's: reported, without naming them
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
                 await self.store.dead_letter(mood_id, user, None, reason)
         if ids:
@@ -478,6 +489,7 @@ class Replicator:
         while not stop.is_set():
             try:
                 token = after or ((await self.store.load_checkpoint("users")) or {}).get("token")
+                fresh = token is None
                 try:
                     stream = await self.store.watch_users(token, max_await_ms=self.max_await_ms)
                 except OperationFailure as exc:
@@ -486,11 +498,14 @@ class Replicator:
                     logger.warning("users change stream history lost: reconciling every "
                                    "user with an account")  # fmt: skip
                     for sub in await self.store.users_in_scope():
-                        self._users_due[sub] = None
+                        self._users_due.setdefault(sub, False)
                     stream = await self.store.watch_users(None, max_await_ms=self.max_await_ms)
                     token = None
                 if token is None:
                     self._users_token = _position_of(stream)
+                if fresh:  # saved at once: what happens from here on is never missed
+                    await self.store.save_checkpoint(self._users_token, stream="users")
+                    self._users_saved = self._users_token
                 try:
                     after = await self._read_users(stream, stop)
                 finally:
@@ -520,7 +535,7 @@ class Replicator:
             if change is not None and _account_changed(change):
                 user = (change.get("documentKey") or {}).get("_id")
                 if isinstance(user, str):
-                    self._users_due[user] = None
+                    self._users_due[user] = self._users_due.get(user, False) or _erasing(change)
             self._users_token = stream.resume_token or self._users_token
             if not stream.alive:
                 return None  # closed without an invalidate: reopen from the checkpoint
@@ -531,9 +546,12 @@ class Replicator:
         if token is None:
             return
         for sub in due:
-            self._users_due.pop(sub, None)
-            logger.info("the account of {} changed: reconciling", sub)
-            await self.applier.reconcile_user(sub)
+            if self._users_due.pop(sub, False):
+                logger.info("the app erased {}: deleting their records", sub)
+                await self.applier.erase_user(sub)
+            else:
+                logger.info("the account of {} changed: reconciling", sub)
+                await self.applier.reconcile_user(sub)
         now = self._clock()
         if due or (
             token != self._users_saved

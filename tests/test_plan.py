@@ -163,6 +163,23 @@ def test_record_in_another_dids_repo_is_reported_not_written() -> None:
     p = plan(want(make_doc(oid(1), deleted=True)), present(live, "3kabcdefghij2", OTHER_DID))
     assert p.writes == []
     assert [(f.kind, f.did, f.rkey) for f in p.findings] == [("stale", OTHER_DID, "3kabcdefghij2")]
+    # Not confirmed gone: the ledger must not say `absent` while the record may be there.
+    assert p.entry.state is State.STRANDED
+    assert p.entry.held == ((OTHER_DID, "3kabcdefghij2"),)
+
+
+def test_a_user_without_an_account_keeps_their_records_held_never_absent() -> None:
+    """Mongo no longer naming an account is no confirmation: the record is still held."""
+    live = want(make_doc(oid(1)))
+    p = plan(want(None, oid(1)), present(live, "3kabcdefghij2"), account=None)
+    assert p.writes == []
+    assert p.entry.state is State.STRANDED
+    assert p.entry.held == ((ACCOUNT.did, "3kabcdefghij2"),)
+
+
+def test_deleted_mood_known_only_from_a_pre_image_is_recorded_under_its_owner() -> None:
+    p = plan_user(USER, ACCOUNT, [want(None, oid(1))], {}, derive)
+    assert p.moods[0].entry.user == USER
 
 
 def test_nuke_twice_is_no_write() -> None:

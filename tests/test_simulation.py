@@ -13,6 +13,7 @@ and event loop: nothing is shared, so the split changes nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 from loguru import logger
 
 from replicator import apply as apply_module
+from replicator.model import State
 from replicator.pds import batches
 from replicator.writer import RepoWriter
 
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The world the per-site tests use: every optional behaviour on, so each site is reached.
 RICH: dict[str, Any] = {
     "prune_rate": 0.01, "bad_docs": True, "deactivations": True, "token_ttl": 30.0,
-    "downtime_mutations": 6, "account_recheck_seconds": 1.0,
+    "downtime_mutations": 6, "account_recheck_seconds": 1.0, "erasures": True,
 }  # fmt: skip
 SITE_SEARCH = 150  # seeds tried until the aimed-at crash fires
 # Where the search starts for a site few schedules reach (a delete of a mood whose `_id` is
@@ -123,9 +125,22 @@ def test_the_schedules_exercise_what_they_claim() -> None:
         "cursor dropped", "pre-images on", "pre-images off", "crash before", "crash after",
         "write refused for good", "account parked", "account released", "session refreshed",
         "applyWrites", "listing", "dead letter", "nuke", "un-nuke", "purge", "replace",
-        "bad document", "account given", "account deactivated",
+        "bad document", "account given", "account deactivated", "erasure",
+        "erasure, users first", "erasure, atproto unset", "erasure, account deleted before",
+        "erasure, session expired", "erasure, no credential", "user forgotten",
     }  # fmt: skip
     assert wanted <= seen, f"never exercised: {sorted(wanted - seen)}"
+
+
+def test_the_sweep_reaches_the_rare_erasures() -> None:
+    """An erased user whom no credential can clean any more is parked `erased`, and the
+    operator's answer (the account deleted with the admin password) ends it: rare, so looked
+    for across every CI seed."""
+    seen: set[str] = set()
+    for block in range(SEEDS // BLOCK):
+        for verdict in _verdicts(range(block * BLOCK, (block + 1) * BLOCK)):
+            seen |= verdict.features
+    assert "operator rescue" in seen
 
 
 def _parse_crash_at(spec: str) -> Trigger:
@@ -263,3 +278,36 @@ def test_finds_a_resurrection(monkeypatch: pytest.MonkeyPatch) -> None:
     found = next((r for r in map(simulate, range(200)) if r.violations), None)
     assert found is not None, "a stale read is in but no schedule of 200 resurrects a record"
     assert "brings back mood" in found.violations[0]
+
+
+def _old_erasure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before issue 16: a user gone from `users` is a user with no account. Nothing of theirs
+    is deleted, and their moods' entries say `absent` (no confirmation asked)."""
+    from replicator import plan as plan_module
+
+    async def not_erased(self: Any, sub: str, ledger: Any) -> None:
+        return None
+
+    real = plan_module.plan_mood
+
+    def unconfirmed(*args: Any, **kw: Any) -> Any:
+        mood = real(*args, **kw)
+        if mood.entry.state is State.STRANDED:
+            mood.entry = dataclasses.replace(mood.entry, state=State.ABSENT)
+        return mood
+
+    monkeypatch.setattr(apply_module.Applier, "_erased", not_erased)
+    monkeypatch.setattr(plan_module, "plan_mood", unconfirmed)
+
+
+def test_finds_erased_users_records_left_public(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the old treatment of an erased user put back, the sweep finds their records left
+    on the PDS, the ledger saying `absent` while the PDS holds them, and replicator_* still
+    naming them."""
+    logger.remove()
+    _old_erasure(monkeypatch)
+    found = [r for r in map(simulate, range(300)) if not r.ok]
+    text = "\n".join(line for r in found for line in (*r.violations, *r.problems))
+    assert "was erased but" in text, text[:2000]
+    assert "the ledger says mood" in text and "absent" in text, text[:2000]
+    assert "names erased" in text, text[:2000]

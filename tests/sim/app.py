@@ -48,12 +48,25 @@ _NEEDS_MOODS = frozenset(
 )
 
 
+# How the app (or an operator) erases a user (AC-RECORD-TYPES.md, "Account erasure"): the
+# order of the Mongo writes, what happens to the PDS account, and which of the replicator's
+# credentials still work by then.
+ERASE_ORDERS = ("moods_first", "users_first", "unset_atproto", "users_only")
+ACCOUNT_FATES = ("kept", "kept", "deleted_before", "deleted_after")
+CREDENTIALS = ("ok", "ok", "session_expired", "neither")
+
+
 @dataclass
 class User:
     sub: str
     handle: str
     did: str | None
     password: str | None
+    erased: tuple[str, str, str] | None = None  # (order, account fate, credentials)
+    # What the operator did for an erasure the replicator could not finish: "deleted" the
+    # account, or "restored" the credentials in `users` (then "re-erased" the user).
+    rescued: str | None = None
+    restored_at: int = 0  # the oplog position of the restore
 
 
 class App:
@@ -65,12 +78,14 @@ class App:
         *,
         bad_docs: bool = False,
         deactivations: bool = False,
+        erasures: bool = False,
     ) -> None:
         self.mongo = mongo
         self.pds = pds
         self.rng = rng
         self.bad_docs = bad_docs
         self.deactivations = deactivations
+        self.erasures = erasures
         self.users: list[User] = []
         self._odd_ids = 0
 
@@ -118,24 +133,37 @@ class App:
 
     # -- mutations ---------------------------------------------------------------------------
 
+    def erased_subs(self) -> set[str]:
+        return {u.sub for u in self.users if u.erased is not None}
+
+    def dids(self) -> dict[str, str]:
+        """Every DID a user ever had → their sub."""
+        return {u.did: u.sub for u in self.users if u.did is not None}
+
+    def current(self) -> list[User]:
+        """The users the app still has (not erased)."""
+        return [u for u in self.users if u.erased is None]
+
     def pick(self) -> Mutation:
         """A mutation, weighted as a busy app would do them."""
         rng = self.rng
         owners = {m.get("user") for m in self.all_moods()}
-        with_moods = [u for u in self.users if u.sub in owners]
+        with_moods = [u for u in self.current() if u.sub in owners]
         kinds: list[tuple[str, float]] = [("insert", 10.0), ("insert_odd", 1.0)]
         if with_moods:
             kinds += [("edit", 3.0), ("replace", 2.0), ("nuke", 1.5), ("unnuke", 1.5)]
             kinds += [("purge", 0.7), ("delete_one", 0.7), ("spoil", 0.7), ("mend", 0.7)]
         if self.bad_docs:
             kinds.append(("insert_bad", 1.0))
-        if any(u.did is None for u in self.users):
+        if any(u.did is None for u in self.current()):
             kinds.append(("give_account", 0.3))
         if self.deactivations:
             kinds += [("deactivate", 0.4), ("reactivate", 0.6)]
+        if self.erasures and len(self.current()) > 1:
+            kinds.append(("erase", 0.6))
         names, weights = zip(*kinds, strict=True)
         kind = rng.choices(names, weights)[0]
-        user = rng.choice(with_moods if kind in _NEEDS_MOODS else self.users)
+        user = rng.choice(with_moods if kind in _NEEDS_MOODS else self.current())
         mutation: Mutation = getattr(self, kind)(user)
         return mutation
 
@@ -234,14 +262,79 @@ class App:
 
     def give_account(self, user: User) -> Mutation:
         """A user without an account gets one (`$set atproto` on the users document)."""
-        target = next((u for u in self.users if u.did is None), None)
+        target = next((u for u in self.current() if u.did is None), None)
         if target is not None:
             self._give_account(target)
             yield f"account for {target.handle}"
 
+    def erase(self, user: User) -> Mutation:
+        """The user leaves: their moods deleted and their users document deleted or its
+        `atproto` unset, in one of the app's orders; their PDS account deleted by the admin
+        before, after or never; their credentials still working, or only the password, or
+        nothing the replicator kept (the password changed, every session gone)."""
+        rng, did = self.rng, user.did
+        order, fate, creds = (rng.choice(ERASE_ORDERS), rng.choice(ACCOUNT_FATES),
+                              rng.choice(CREDENTIALS))  # fmt: skip
+        if did is None and order == "unset_atproto":
+            order = "moods_first"  # no `atproto` to unset: the older endpoint changes nothing
+        user.erased = (order, fate, creds)
+        yield f"erase {user.handle}: {order}, account {fate}, credentials {creds}"
+        if did is not None and creds == "session_expired":
+            self.pds.revoke_sessions(did)
+        elif did is not None and creds == "neither":
+            user.password = f"pw-{self._hex(16)}"  # the admin reset it; the app knows it
+            self.pds.change_password(did, user.password)
+            self.pds.revoke_sessions(did)
+        if did is not None and fate == "deleted_before":
+            self.pds.delete_account(did)
+            yield f"admin deletes the account of {user.handle}"
+        if order in ("moods_first", "unset_atproto"):
+            yield from self._delete_moods(user)
+        if order == "unset_atproto":
+            self.mongo.update(USERS, user.sub, lambda d: d.pop("atproto", None))
+            yield f"unset atproto of {user.handle}"
+        else:
+            self.mongo.delete(USERS, user.sub)
+            self.mongo.delete(HANDLES, user.sub)
+            yield f"delete users document of {user.handle}"
+        if order == "users_first":
+            yield from self._delete_moods(user)
+        if did is not None and fate == "deleted_after":
+            self.pds.delete_account(did)
+            yield f"admin deletes the account of {user.handle}"
+
+    def _delete_moods(self, user: User) -> Mutation:
+        for doc in self.moods_of(user):
+            if self.mongo.delete(MOODS, doc["_id"]):
+                yield f"erase mood {doc['_id']}"
+
+    def rescue(self, user: User) -> str:
+        """The operator, alerted (the replicator parked the user `erased`), does one of the
+        runbook's two things: deletes the account with the admin password, or restores its
+        credentials in `users` (to erase the user again once the replicator took them)."""
+        assert user.did is not None
+        if user.did not in self.pds.repos or self.rng.random() < 0.5:
+            if user.did in self.pds.repos:
+                self.pds.delete_account(user.did)
+            user.rescued = "deleted"
+            return f"operator deletes the account of {user.handle}"
+        atproto = {"did": user.did, "handle": user.handle, "password": user.password}
+        self.mongo.update(USERS, user.sub, lambda d: d.__setitem__("atproto", atproto),
+                          upsert=True)  # fmt: skip
+        user.rescued, user.restored_at = "restored", self.mongo.position
+        return f"operator restores the credentials of {user.handle}"
+
+    def erase_again(self, user: User) -> str:
+        """After a restore: the user's document deleted, as the app's job would."""
+        self.mongo.delete(USERS, user.sub)
+        self.mongo.delete(HANDLES, user.sub)
+        user.rescued = "re-erased"
+        return f"operator erases {user.handle} again"
+
     def deactivate(self, user: User) -> Mutation:
         """An account deactivated on the PDS: writes refused until it is reactivated."""
-        active = [u for u in self.users if u.did and self.pds.repos[u.did].active]
+        active = [u for u in self.users if u.did and u.did in self.pds.repos
+                  and self.pds.repos[u.did].active]  # fmt: skip
         if active:
             target = self.rng.choice(active)
             assert target.did is not None
@@ -257,7 +350,8 @@ class App:
             yield f"reactivate {target.handle}"
 
     def inactive(self) -> list[User]:
-        return [u for u in self.users if u.did and not self.pds.repos[u.did].active]
+        return [u for u in self.users if u.did and u.did in self.pds.repos
+                and not self.pds.repos[u.did].active]  # fmt: skip
 
 
 def live(doc: dict[str, Any] | None) -> bool:

@@ -1,21 +1,26 @@
-"""The two properties the simulation proves.
+"""The properties the simulation proves.
 
-At every step (`Safety`, called by the fake PDS on each record change it commits): once the
-PDS has deleted a record of mood M while M's document was deleted or nuked, no record of M is
-created or updated again until M's document is live again (un-nuked). A delete of a
-duplicate while the mood is live does not count; the application making the document live
-again lifts the ban.
+At every step (`Safety`, called by the fake PDS on each record change it commits and by the
+fake MongoDB on each write):
+
+- once the PDS has deleted a record of mood M while M's document was deleted or nuked, or its
+  user erased, no record of M is created or updated again until M's document is live again
+  (un-nuked). A delete of a duplicate while the mood is live does not count; the application
+  making the document live again lifts the ban.
+- confirm before absent: no ledger entry says `absent` (or `skipped`) while the PDS holds a
+  record of its mood. The ledger records a record as gone only once the PDS confirmed it.
 
 After convergence (`divergences`): for every user with an account, the repo's collection is
 exactly the desired state: one record per live, non-deleted, valid mood, at the rkey written
 back in the document's `atproto.rkey`, with exactly the record `desired_state` computes, and
 nothing else; no record of any mood of a user without an account, anywhere; no mood with two
-records in a repo.
+records in a repo. For every erased user: no record of theirs in any repo, and nothing in the
+replicator's own collections names them (sub, DID or handle).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -29,18 +34,36 @@ from .app import MOODS, App, live
 from .fake_mongo import Doc, MongoState
 from .fake_pds import REFUSED, Applied, PdsState, Record, cid_of
 
+LEDGER = "replicator_ledger"
+GONE = frozenset({State.ABSENT.value, State.SKIPPED.value})  # "no record of this mood"
+
 
 class Safety:
-    def __init__(self, mongo: MongoState) -> None:
+    def __init__(self, mongo: MongoState, pds: PdsState) -> None:
         self.mongo = mongo
+        self.pds = pds
         self.banned: set[str] = set()  # refs whose delete was applied while the mood was dead
         self.violations: list[str] = []
+        self.erased: Callable[[], set[str]] = set  # subs the app erased
+        self.accounts: Callable[[], dict[str, str]] = dict  # every DID → its user
 
     def on_mongo_write(
         self, collection: str, op: str, key: Any, before: Doc | None, after: Doc | None
     ) -> None:
         if collection == MOODS and live(after):
             self.banned.discard(str(key))
+        if collection == LEDGER and after is not None and after.get("state") in GONE:
+            found = self._records_of(str(key))
+            if found:
+                self.violations.append(
+                    f"the ledger says mood {key} is {after['state']} ({after.get('reason')}) "
+                    f"while the PDS holds its record at {found}"
+                )
+
+    def _records_of(self, ref: str) -> list[str]:
+        return [f"{did}/{rkey}" for did, repo in sorted(self.pds.repos.items())
+                for rkey, (_, record) in sorted(repo.collection().items())
+                if record.get("ref") == ref]  # fmt: skip
 
     def on_pds_change(self, applied: Applied, record: Record | None) -> None:
         ref = applied.ref
@@ -48,12 +71,20 @@ class Safety:
             return
         if applied.action == "delete":
             key: Any = ObjectId(ref) if ObjectId.is_valid(ref) else ref
-            if not live(self.mongo.coll(MOODS).get(key)):
+            erased = self.accounts().get(applied.did) in self.erased()
+            if erased or not live(self.mongo.coll(MOODS).get(key)):
                 self.banned.add(ref)
-        elif ref in self.banned:
+            return
+        if ref in self.banned:
             self.violations.append(
                 f"step {applied.step}: {applied.action} of {applied.did}/{applied.rkey} brings "
                 f"back mood {ref}, whose delete was applied while its document was dead"
+            )
+        entry = self.mongo.coll(LEDGER).get(ref)
+        if entry is not None and entry.get("state") in GONE:
+            self.violations.append(
+                f"step {applied.step}: {applied.action} of {applied.did}/{applied.rkey} while "
+                f"the ledger says mood {ref} is {entry['state']}"
             )
 
 
@@ -69,7 +100,7 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
     of it may remain, and only a version the mood really had (`history`)."""
     problems: list[str] = []
     owner_of = {str(d["_id"]): d.get("user") for d in app.all_moods()}
-    accounts = {u.sub: u for u in app.users if u.did is not None}
+    accounts = {u.sub: u for u in app.current() if u.did is not None}
     kept: set[str] = set()  # refs of moods that may keep an earlier record
     for doc in app.all_moods():
         if not live(doc) or not isinstance(doc["_id"], ObjectId):
@@ -81,6 +112,11 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             kept.add(str(doc["_id"]))
     unwritten: set[str] = set()  # refs of live moods whose rkey was never written back
     for user in app.users:
+        if user.erased is not None:
+            if user.did in pds.repos and (left := sorted(pds.repos[user.did].collection())):
+                problems.append(f"{user.handle} was erased but {len(left)} records of theirs "
+                                f"are still on the PDS: {left[:5]}")  # fmt: skip
+            continue
         expected: dict[str, Record] = {}
         for doc in app.moods_of(user):
             mood_id = doc["_id"]
@@ -130,7 +166,9 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             owner = owner_of.get(ref)
             if not isinstance(owner, str):
                 continue
-            if owner not in accounts:
+            if owner in app.erased_subs():
+                problems.append(f"{did}/{rkey}: a record of a mood of {owner}, who was erased")
+            elif owner not in accounts:
                 problems.append(f"{did}/{rkey}: a record of a mood of {owner}, who has no account")
             elif accounts[owner].did != did:
                 problems.append(f"{did}/{rkey}: a record of {owner}'s mood in another repo")
@@ -138,3 +176,21 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             if n > 1:
                 problems.append(f"{did}: {n} records of mood {ref}")
     return problems
+
+
+def remembered(mongo: MongoState, app: App) -> list[str]:
+    """Where the replicator's own collections still name an erased user (sub, DID, handle):
+    after convergence there must be nowhere (a one-way hash of the sub is all that stays)."""
+    out: list[str] = []
+    for user in app.users:
+        if user.erased is None:
+            continue
+        names = [n for n in (user.sub, user.did, user.handle) if n]
+        for name in sorted(mongo.collections):
+            if not name.startswith("replicator_"):
+                continue
+            for key, doc in mongo.coll(name).items():
+                text = repr(doc)
+                if found := [n for n in names if n in text]:
+                    out.append(f"{name} {key!r} names erased {user.handle} ({found[0]})")
+    return out

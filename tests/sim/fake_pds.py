@@ -17,6 +17,13 @@ Its answers are the reference PDS's (`@atproto/pds`, checked against the local s
   `ExpiredToken`; refresh tokens are single-use; more than 30 logins of one account in five
   minutes is a 429.
 - `getRepoStatus`: `{did, active, rev}`.
+- An account deleted by the admin (`delete_account`, as `com.atproto.admin.deleteAccount`):
+  its repo and records are gone; `listRecords` answers 400 "Could not find repo", a write
+  with a token issued before 403 `AccountNotFound`,
+  `getRepoStatus` 400 `RepoNotFound`, `createSession` 401 (no such identifier).
+- A password changed by the admin (`change_password`) revokes the account's refresh tokens,
+  as the reference PDS does; `revoke_sessions` drops its access tokens too (sessions that
+  expired while nobody used them).
 
 CIDs are a hash of the canonical record bytes. Every applied record change goes to `log` with
 its step number and to `on_change`, where the safety check watches them as they happen.
@@ -103,6 +110,21 @@ class PdsState:
         self.repos[did] = repo
         return repo
 
+    # -- what the admin (the app, an operator) does --------------------------------------------
+
+    def delete_account(self, did: str) -> None:
+        """Access tokens are JWTs: they still verify, and a write then finds no account."""
+        self.repos.pop(did, None)
+        self.refresh = {t: d for t, d in self.refresh.items() if d != did}
+
+    def change_password(self, did: str, password: str) -> None:
+        self.repos[did].password = password
+        self.refresh = {t: d for t, d in self.refresh.items() if d != did}
+
+    def revoke_sessions(self, did: str) -> None:
+        self.refresh = {t: d for t, d in self.refresh.items() if d != did}
+        self.access = {t: v for t, v in self.access.items() if v[0] != did}
+
     def _mint(self, kind: str) -> str:
         self._serial += 1
         return f"{kind}-{self._serial:06d}"
@@ -143,6 +165,8 @@ class PdsState:
         if now >= expiry:
             raise XrpcFail(400, "ExpiredToken", "Token has expired")
         repo = self.repos.get(str(repo_did))
+        if repo is None and did == repo_did:
+            raise XrpcFail(403, "AccountNotFound", "Account not found")
         if repo is None:
             raise XrpcFail(400, "InvalidRequest", f"Could not find repo: {repo_did}")
         if repo.did != did:

@@ -22,8 +22,17 @@ from bson import ObjectId
 from replicator.accounts import ParkedAccount
 from replicator.lease import Fence, Fenced
 from replicator.model import Account, LedgerEntry, State
-from replicator.sessions import Session
-from replicator.store import Names, _due, account_from_user, entry_from_doc, entry_to_doc
+from replicator.sessions import Session, session_from_doc, session_to_doc
+from replicator.store import (
+    Names,
+    _due,
+    account_from_user,
+    entry_from_doc,
+    entry_to_doc,
+    letter_key,
+    sub_hash,
+    user_gone,
+)
 
 from .fake_mongo import Doc, FakeChangeStream, MongoState, clone, open_stream
 from .scheduler import Process, Scheduler
@@ -92,6 +101,17 @@ class FakeStore:
 
         await self._io("accounts", op)
         return found
+
+    async def users_gone(self, subs: Iterable[str]) -> dict[str, bool]:
+        wanted = sorted(set(subs))
+        if not wanted:
+            return {}
+
+        def op() -> dict[str, bool]:
+            docs = {s: self.state.get(self.names.users, s) for s in wanted}
+            return {s: doc is None for s, doc in docs.items() if user_gone(doc)}
+
+        return await self._io("users_gone", op)
 
     async def user_of_mood(self, mood_id: Any) -> Any:
         doc = await self._io("user_of_mood", lambda: self.state.get(self._moods, mood_id))
@@ -298,6 +318,9 @@ class FakeStore:
             found = {d.get("user") for d in self.state.find(self._moods)}
             found |= {d.get("user") for d in self._ledger_docs(lambda d: True)}
             found |= {d["_id"] for d in self.state.find(self.names.users) if _has_did(d)}
+            found |= {d.get("sub") for d in self.state.find(self.names.sessions)}
+            found |= {d.get("sub") for d in self.state.find(self.names.accounts)}
+            found |= {d.get("user") for d in self.state.find(self.names.dead_letters)}
             return sorted(u for u in found if isinstance(u, str))
 
         return await self._io("users_in_scope", op)
@@ -332,7 +355,7 @@ class FakeStore:
     async def user_done(self, run: str, sub: str) -> None:
         values = {"run": run, "done_at": self._now()}
         await self._io("user_done", lambda: self.state.update(
-            self._runs, sub, lambda d: d.update(values), upsert=True))  # fmt: skip
+            self._runs, sub_hash(sub), lambda d: d.update(values), upsert=True))  # fmt: skip
 
     # -- parked accounts ---------------------------------------------------------------------
 
@@ -365,12 +388,107 @@ class FakeStore:
 
     async def load_session(self, did: str) -> Session | None:
         doc = await self._io("load_session", lambda: self.state.get(self.names.sessions, did))
-        return Session(doc["access"], doc["refresh"]) if doc else None
+        return session_from_doc(doc) if doc else None
 
     async def save_session(self, did: str, session: Session) -> None:
-        values = {"access": session.access, "refresh": session.refresh, "saved_at": self._now()}
+        values = {**session_to_doc(session), "saved_at": self._now()}
         await self._io("save_session", lambda: self.state.update(
             self.names.sessions, did, lambda d: d.update(values), upsert=True))  # fmt: skip
+
+    async def credentials_of(self, sub: str) -> dict[str, str | None]:
+        def op() -> dict[str, str | None]:
+            docs = self.state.find(self.names.sessions, lambda d: d.get("sub") == sub)
+            docs.sort(key=lambda d: -float(d.get("saved_at") or 0))
+            return {str(d["_id"]): d.get("password") for d in docs}
+
+        return await self._io("credentials_of", op)
+
+    # -- erasure -----------------------------------------------------------------------------
+
+    async def begin_erasure(self, sub: str, dids: Collection[str]) -> None:
+        self.fence.check()
+        now = self._now()
+
+        def note(doc: Doc) -> None:
+            doc["sub"] = sub
+            doc["dids"] = [*doc.get("dids", []), *(d for d in sorted(dids)
+                                                   if d not in doc.get("dids", []))]  # fmt: skip
+            doc.setdefault("started_at", now)
+
+        await self._io("begin_erasure", lambda: self.state.update(
+            self.names.erasures, sub_hash(sub), note, upsert=True))  # fmt: skip
+
+    async def pending_erasures(self) -> dict[str, list[str]]:
+        def op() -> dict[str, list[str]]:
+            docs = self.state.find(self.names.erasures, lambda d: "sub" in d)
+            return {str(d["sub"]): [str(x) for x in d.get("dids") or ()] for d in docs}
+
+        return await self._io("pending_erasures", op)
+
+    async def cancel_erasure(self, sub: str) -> None:
+        self.fence.check()
+        key = sub_hash(sub)
+
+        def unset(doc: Doc) -> None:
+            doc.pop("sub", None)
+            doc.pop("dids", None)
+
+        def op() -> None:
+            doc = self.state.get(self.names.erasures, key)
+            if doc is not None and "erased_at" not in doc:
+                self.state.delete(self.names.erasures, key)
+            else:
+                self.state.update(self.names.erasures, key, unset)
+
+        await self._io("cancel_erasure", op)
+
+    async def forgotten(self, subs: Iterable[str]) -> set[str]:
+        by_hash = {sub_hash(s): s for s in set(subs)}
+        if not by_hash:
+            return set()
+
+        def op() -> set[str]:
+            docs = (self.state.get(self.names.erasures, h) for h in sorted(by_hash))
+            return {by_hash[d["_id"]] for d in docs if d is not None and "sub" not in d}
+
+        return await self._io("forgotten", op)
+
+    async def forget_user(self, sub: str, dids: Collection[str], records_deleted: int) -> None:
+        """The real adapter's six writes, each its own round trip: a crash may fall between."""
+        self.fence.check()
+        ids = set(dids)
+        now = self._now()
+
+        def named(d: Doc) -> bool:
+            return d.get("user") == sub or d.get("did") in ids
+
+        def by_key(d: Doc) -> bool:
+            return d.get("sub") == sub or d["_id"] in ids
+
+        def done(doc: Doc) -> None:
+            doc.pop("sub", None)
+            doc.pop("dids", None)
+            doc["erased_at"] = now
+            doc["records_deleted"] = doc.get("records_deleted", 0) + records_deleted
+
+        for collection, match in (
+            (self.names.accounts, by_key), (self.names.sessions, by_key),
+            (self.names.dead_letters, named), (self._runs, lambda d: d["_id"] == sub),
+            (self.names.ledger, named),
+        ):  # fmt: skip
+            await self._io("forget_user", functools.partial(self._delete_many, collection, match))
+        await self._io("forget_user", lambda: self.state.update(
+            self.names.erasures, sub_hash(sub), done, upsert=True))  # fmt: skip
+
+    def _delete_many(self, collection: str, match: Callable[[Doc], bool]) -> None:
+        for doc in self.state.find(collection, match):
+            self.state.delete(collection, doc["_id"])
+
+    async def erasure_count(self) -> int:
+        def op() -> int:
+            return sum(1 for d in self.state.coll(self.names.erasures).values() if "sub" not in d)
+
+        return await self._io("erasure_count", op)
 
     # -- dead letters ------------------------------------------------------------------------
 
@@ -388,7 +506,7 @@ class FakeStore:
 
         def op() -> None:
             for mood_id, user, did, reason in letters:
-                key = str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
+                key = letter_key(mood_id)
 
                 def change(doc: Doc, user: Any = user, did: Any = did, why: Any = reason) -> None:
                     doc.setdefault("first_at", now)
@@ -412,6 +530,16 @@ class FakeStore:
                 self.state.delete(self.names.dead_letters, str(i))
 
         await self._io("clear_dead_letters", op)
+
+    async def clear_dead_letters_but(self, sub: str, keep: Iterable[Any]) -> None:
+        kept = {letter_key(i) for i in keep}
+
+        def op() -> None:
+            self._delete_many(
+                self.names.dead_letters, lambda d: d.get("user") == sub and d["_id"] not in kept
+            )
+
+        await self._io("clear_dead_letters_but", op)
 
     async def dead_letter_count(self) -> int:
         return await self._io("dead_letter_count",

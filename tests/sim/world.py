@@ -39,7 +39,7 @@ from replicator.stream import Replicator
 from replicator.writer import RepoWriter
 
 from .app import App
-from .checks import Safety, canonical, divergences
+from .checks import Safety, canonical, divergences, remembered
 from .fake_mongo import MongoState, position_of
 from .fake_pds import REFUSED, PdsState, pds_handler, plc_handler
 from .fake_store import FakeStore
@@ -64,6 +64,8 @@ SITES = (
     "pds:com.atproto.server.refreshSession", "pds:com.atproto.repo.putRecord",
     "pds:com.atproto.repo.deleteRecord", "pds:com.atproto.repo.applyWrites",
     "pds:com.atproto.repo.listRecords", "pds:com.atproto.sync.getRepoStatus", "plc:resolve",
+    "users_gone", "credentials_of", "begin_erasure", "pending_erasures", "forgotten",
+    "forget_user", "cancel_erasure", "clear_dead_letters_but",
 )  # fmt: skip
 
 
@@ -87,6 +89,7 @@ class Options:
     token_ttl: float | None
     bad_docs: bool  # invalid documents, string ids, records the PDS refuses
     deactivations: bool  # accounts deactivated on the PDS for a while
+    erasures: bool  # users erased by the app, in every order (app.py, `App.erase`)
     account_recheck_seconds: float
     triggers: tuple[Trigger, ...]
 
@@ -119,6 +122,7 @@ class Options:
             token_ttl=rng.choice((None, None, 30.0)),
             bad_docs=rng.random() < 0.3,
             deactivations=rng.random() < 0.2,
+            erasures=rng.random() < 0.3,
             account_recheck_seconds=rng.choice((1.0, 30.0)),
             triggers=tuple(triggers),
         )
@@ -164,13 +168,19 @@ _FEATURES = {
     "applyWrites refused with 500": "500: ",
     "nuke": "app nuke", "un-nuke": "app unnuke", "purge": "app purge",
     "replace": "app replace", "bad document": "app insert bad", "account given": "app account",
-    "account deactivated": "app deactivate",
+    "account deactivated": "app deactivate", "erasure": "app erase ",
+    "erasure, users first": "users_first,", "erasure, atproto unset": "unset_atproto,",
+    "erasure, account deleted before": "account deleted_before",
+    "erasure, session expired": "credentials session_expired",
+    "erasure, no credential": "credentials neither", "operator rescue": "operator deletes",
+    "operator restore": "operator restores",
 }  # fmt: skip
 _SITE_FEATURES = {
     "recovery finished": "finish_run", "account parked": "save_parked_account",
     "account released": "release_account", "session refreshed":
     "pds:com.atproto.server.refreshSession", "applyWrites": "pds:com.atproto.repo.applyWrites",
     "listing": "pds:com.atproto.repo.listRecords", "dead letter": "dead_letter_many",
+    "user forgotten": "forget_user",
 }  # fmt: skip
 
 
@@ -207,12 +217,15 @@ class World:
         self.pds = PdsState(
             token_ttl=self.options.token_ttl, fault_rate=self.options.pds_fault_rate
         )
-        self.safety = Safety(self.mongo)
+        self.safety = Safety(self.mongo, self.pds)
         self.history: dict[str, set[bytes]] = {}  # every record each mood has wanted
         self.mongo.on_write = self._on_mongo_write
         self.pds.on_change = self.safety.on_pds_change
         self.app = App(self.mongo, self.pds, self.app_rng, bad_docs=self.options.bad_docs,
-                       deactivations=self.options.deactivations)  # fmt: skip
+                       deactivations=self.options.deactivations,
+                       erasures=self.options.erasures)  # fmt: skip
+        self.safety.erased = self.app.erased_subs
+        self.safety.accounts = self.app.dids
         self.budget = self.options.mutations
         self.pending: Iterator[str] | None = None
         self.current: Incarnation | None = None
@@ -272,10 +285,34 @@ class World:
                 self._mutate()
         if self.options.prune_rate and rng.random() < self.options.prune_rate:
             self._prune()
+        self._rescue()
         if self.app_done and self.done_at is None:
             self.done_at = step
         if self.stop is not None and self._quiet():
             self.stop.set()
+
+    def _rescue(self) -> None:
+        """The operator answers the `erased` alert: an erased user the replicator parked
+        because no credential works has their account deleted with the admin password, or
+        their credentials restored and, once the replicator took them, is erased again."""
+        parked = self.mongo.coll("replicator_accounts")
+        for user in self.app.users:
+            if user.erased is None or user.did is None:
+                continue
+            if user.rescued == "restored":
+                doc = self.mongo.coll("replicator_state").get("checkpoint:users") or {}
+                seen = "token" in doc and position_of(doc["token"]) >= user.restored_at
+                if seen and user.did not in parked:
+                    self.scheduler.note(self.app.erase_again(user))
+                continue
+            if user.rescued or parked.get(user.did, {}).get("kind") != "erased":
+                continue
+            if user.erased[2] != "neither":
+                self.safety.violations.append(
+                    f"{user.handle} parked `erased` although a credential works "
+                    f"({user.erased[2]}, account {user.erased[1]})"
+                )
+            self.scheduler.note(self.app.rescue(user))
 
     def _prune(self) -> None:
         floor = self.mongo.position - self.world_rng.randint(0, 8)
@@ -325,6 +362,11 @@ class World:
                            f"{d.get('retry_at')}, attempts {d.get('attempts')})")  # fmt: skip
         for d in self.mongo.coll("replicator_accounts").values():
             out.append(f"account {d['_id']} parked ({d.get('reason')})")
+        for d in self.mongo.coll("replicator_erasures").values():
+            if "sub" in d:
+                out.append(f"the erasure of {d['sub']} is not finished")
+        out += [f"the operator has yet to erase {u.handle} again" for u in self.app.users
+                if u.rescued == "restored"]  # fmt: skip
         return out
 
     def _refused_for_good(self, entry: dict[str, Any]) -> bool:
@@ -427,6 +469,7 @@ class World:
                 problems += self.unquiet()
         if not problems:
             problems = divergences(self.app, self.pds, self.history)
+            problems += remembered(self.mongo, self.app)
         return Result(
             self.seed, self.options, self.scheduler.step, self.processes,
             list(self.scheduler.crashed_at), list(self.safety.violations), problems,
