@@ -18,7 +18,7 @@ from .backfill import reconcile_until_stable
 from .plan import Finding
 from .store import Store
 
-DIVERGENCES = ("missing", "mismatch", "duplicate", "orphan", "stale")
+DIVERGENCES = ("missing", "mismatch", "duplicate", "orphan", "stale", "erased")
 
 
 @dataclass

@@ -87,6 +87,7 @@ class Report:
             "invalid_reasons": dict(reasons["invalid"]),
             "failed": sum(reasons["failed"].values()),
             "failed_reasons": dict(reasons["failed"]),
+            "erased_users": c["erasures"],
             "duplicates": kinds["duplicate"],
             "orphans": kinds["orphan"],
             "records_listed": c["records_listed"],

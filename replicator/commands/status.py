@@ -4,7 +4,8 @@ Everything comes from the replicator's own collections, so it works from any mac
 reach the database, whether or not a replicator runs: the checkpoint (position, time, events
 applied), the live view the running process flushes every few seconds (lag, stream open,
 ready), the ledger by state, dead letters, the last error, the lease, the accounts whose
-writes are parked (deactivated, taken down, moved: `replicator_accounts`), and the launch figures
+writes are parked (deactivated, taken down, moved, erased but not cleanable:
+`replicator_accounts`), the erasures done and under way, and the launch figures
 (accounts, moods, records, sync success rate and latency, failures, repairs). Read-only: it
 writes nothing and needs no PDS credentials.
 """
@@ -62,6 +63,8 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
     users_with_account = await store.users.count_documents({"atproto.did": {"$regex": "^did:"}})
     moods_total = await store.moods.count_documents({})
     parked = await store.parked_accounts()
+    erasures = {"done": await store.erasure_count(),
+                "under_way": len(await store.pending_erasures())}  # fmt: skip
 
     live = _live(stats, now)
     counters = _counters(stats, now)
@@ -81,6 +84,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
         },
         "last_error": _last_error(stats, latest_dead),
         "parked_accounts": _parked_accounts(parked, now),
+        "erasures": erasures,
         "pds": await _probe(pds_url) if pds_url else None,
         "counters": counters,
         "launch": {
@@ -294,6 +298,10 @@ def render(r: dict[str, Any]) -> str:
         plural = "" if pa["count"] == 1 else "s"
         lines.append(f"  parked        {pa['count']} account{plural} ({reasons})" if pa["count"]
                      else "  parked        no account")  # fmt: skip
+    er = r["erasures"]
+    lines.append(
+        f"  erasures      {er['done']} done (users forgotten), {er['under_way']} under way"
+    )
     err = r["last_error"]
     lines.append(
         f"  last error    {err['at']} [{err['source']}] {err['message']}" if err else

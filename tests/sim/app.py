@@ -44,7 +44,7 @@ ODD_FIELDS: tuple[dict[str, Any], ...] = (  # mirrored (or nuked) as the table s
 )  # fmt: skip
 Mutation = Iterator[str]
 _NEEDS_MOODS = frozenset(
-    {"edit", "replace", "nuke", "unnuke", "purge", "delete_one", "spoil", "mend"}
+    {"edit", "replace", "nuke", "unnuke", "purge", "delete_one", "spoil", "mend", "erase"}
 )
 
 
@@ -53,7 +53,7 @@ _NEEDS_MOODS = frozenset(
 # credentials still work by then.
 ERASE_ORDERS = ("moods_first", "users_first", "unset_atproto", "users_only")
 ACCOUNT_FATES = ("kept", "kept", "deleted_before", "deleted_after")
-CREDENTIALS = ("ok", "ok", "session_expired", "neither")
+CREDENTIALS = ("ok", "session_expired", "neither")
 
 
 @dataclass
@@ -159,13 +159,20 @@ class App:
             kinds.append(("give_account", 0.3))
         if self.deactivations:
             kinds += [("deactivate", 0.4), ("reactivate", 0.6)]
-        if self.erasures and len(self.current()) > 1:
+        if self.erasures and with_moods and len(self.current()) > 1:
             kinds.append(("erase", 0.6))
         names, weights = zip(*kinds, strict=True)
         kind = rng.choices(names, weights)[0]
+        if kind == "erase" and rng.random() < 0.7:  # mostly someone with records to delete
+            with_moods = [u for u in with_moods if self._mirrored(u)] or with_moods
         user = rng.choice(with_moods if kind in _NEEDS_MOODS else self.current())
         mutation: Mutation = getattr(self, kind)(user)
         return mutation
+
+    def _mirrored(self, user: User) -> bool:
+        """Some mood of theirs has its rkey written back: a record of theirs exists."""
+        return any(isinstance(d.get("atproto"), dict) and d["atproto"].get("rkey")
+                   for d in self.moods_of(user))  # fmt: skip
 
     def text(self) -> str:
         return self.rng.choice(TEXTS) if self.rng.random() > 0.05 or not self.bad_docs else (

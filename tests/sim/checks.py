@@ -29,8 +29,9 @@ from bson import ObjectId
 from replicator import tid
 from replicator.desired import desired_state
 from replicator.model import State
+from replicator.store import user_gone
 
-from .app import MOODS, App, live
+from .app import MOODS, USERS, App, live
 from .fake_mongo import Doc, MongoState
 from .fake_pds import REFUSED, Applied, PdsState, Record, cid_of
 
@@ -71,7 +72,9 @@ class Safety:
             return
         if applied.action == "delete":
             key: Any = ObjectId(ref) if ObjectId.is_valid(ref) else ref
-            erased = self.accounts().get(applied.did) in self.erased()
+            # Erased as Mongo says by then (the replicator cannot know any sooner).
+            owner = self.accounts().get(applied.did)
+            erased = owner in self.erased() and user_gone(self.mongo.coll(USERS).get(owner))
             if erased or not live(self.mongo.coll(MOODS).get(key)):
                 self.banned.add(ref)
             return
