@@ -81,8 +81,11 @@ class AccountGate:
             self._parked = {p.did: p for p in await self.store.parked_accounts()}
         return self._parked
 
-    def _backoff(self, attempts: int) -> float:
-        return float(min(900.0, self.recheck_seconds * 2 ** min(attempts, 10)))
+    def _backoff(self, attempts: int, kind: Kind = "unavailable") -> float:
+        """An erased user's account is looked at every minute at most: once it is deleted,
+        the user is forgotten within a minute (a `getRepoStatus`, nothing more)."""
+        cap = 60.0 if kind == "erased" else 900.0
+        return float(min(cap, self.recheck_seconds * 2 ** min(attempts, 10)))
 
     async def blocked(self, account: Account) -> str | None:
         """Why this account cannot be written now, or None."""
@@ -110,9 +113,12 @@ class AccountGate:
         (await self._all()).pop(did, None)
 
     def forget(self, did: str) -> None:
-        """An erased user's entry, once their records are gone (the store forgets it too)."""
+        """An erased user's entry and DID document, once their records are gone (the store
+        forgets the entry too)."""
         if self._parked is not None:
             self._parked.pop(did, None)
+        if self.resolver is not None:
+            self.resolver.forget(did)
 
     async def park(self, account: Account, kind: Kind, reason: str) -> ParkedAccount:
         parked_all = await self._all()
@@ -121,7 +127,7 @@ class AccountGate:
         parked = ParkedAccount(
             account.did, account.sub, kind, reason,
             since=previous.since if previous else now,
-            next_check_at=now + self._backoff(0), attempts=0,
+            next_check_at=now + self._backoff(0, kind), attempts=0,
         )  # fmt: skip
         if previous is None or (previous.kind, previous.reason) != (kind, reason):
             logger.bind(did=account.did).warning("account parked: {}", reason)
@@ -150,7 +156,9 @@ class AccountGate:
             return True
         attempts = parked.attempts + 1
         later = replace(
-            parked, attempts=attempts, next_check_at=self._clock() + self._backoff(attempts)
+            parked,
+            attempts=attempts,
+            next_check_at=self._clock() + self._backoff(attempts, parked.kind),
         )
         await self.store.save_parked_account(later)
         parked_all[parked.did] = later

@@ -275,8 +275,9 @@ class Applier:
         deleted = outcome.counts["delete"] + outcome.counts["delete_orphan"]
         crashpoints.hit("forget")
         await self.store.forget_user(sub, credentials.keys(), deleted)
-        for did in credentials:
+        for did in credentials:  # what this process holds in memory goes too
             self.writer.sessions.forget(did)
+            self.writer.pds.budgets.forget(did)
             if self.gate is not None:
                 self.gate.forget(did)
         outcome.counts["erasures"] += 1

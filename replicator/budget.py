@@ -59,6 +59,9 @@ class Budgets:
         if reset_at is not None:
             self._by_repo[repo] = Budget(left, reset_at)
 
+    def forget(self, repo: str) -> None:
+        self._by_repo.pop(repo, None)
+
     def reserve(self, repo: str, points: int) -> float:
         """Seconds until `points` can be spent on `repo` (0: now, and they are charged)."""
         budget = self._by_repo.get(repo)

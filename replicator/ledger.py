@@ -17,7 +17,6 @@ from typing import Literal
 
 from bson import ObjectId
 
-from .desired import DOCUMENT_DELETED
 from .model import LedgerEntry, Location, State, Write
 from .plan import MoodPlan
 
@@ -89,7 +88,7 @@ def settle(
     keys = [sent_key(w) for w in mood.writes]
     put = next((w for w in mood.writes if w.action == "put"), None)
     if all(k in result.sent for k in keys):
-        entry = mood.entry.settled(mood.desired.reason == DOCUMENT_DELETED)
+        entry = mood.entry
         if put is not None and entry.state is State.PRESENT:
             entry = replace(entry, cid=result.sent[sent_key(put)])
         return replace(entry, attempts=0, retry_at=None, generation=generation), None
@@ -103,8 +102,7 @@ def settle(
         repo = mood.writes[0].did
         if put is None:
             held = tuple(h for h in mood.entry.held if h[0] != repo)
-            gone = replace(mood.entry, held=held, generation=generation)
-            return gone.settled(mood.desired.reason == DOCUMENT_DELETED), None
+            return replace(mood.entry, held=held, generation=generation), None
         held = tuple(h for h in held if h[0] != repo)
     reason = result.refused.get(mood.mood_id) or (failure.reason if failure else "not sent")
     put_done = put is not None and sent_key(put) in result.sent

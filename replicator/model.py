@@ -71,9 +71,10 @@ class LedgerEntry:
             object.__setattr__(self, "held", ((self.did, self.rkey),))
 
     def settled(self, deleted: bool) -> LedgerEntry:
-        """As kept once done. The entry of a deleted document whose records are confirmed
-        gone keeps no owner (user, DID): nothing of it is left to find, and an erased user
-        must not stay named by it."""
+        """As kept once done, by a user with no account. The entry of a deleted document
+        with nothing held keeps no owner (user, DID): nothing of it is left to find, and an
+        erased user must not stay named by it (their erasure may go unseen: `atproto` unset
+        while the `users` stream's history was lost, and no DID of theirs known)."""
         if deleted and self.state is State.ABSENT and not self.held:
             return replace(self, user=None, did=None)
         return self

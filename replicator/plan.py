@@ -230,7 +230,7 @@ def plan_mood(
     new_entry = LedgerEntry(
         mood_id, user, state, did, keep_rkey, None, None, desired.reason, held=tuple(stranded)
     )
-    if not writes:
+    if account is None:  # (with an account, a replayed purge needs the owner: its sweep)
         new_entry = new_entry.settled(desired.reason == DOCUMENT_DELETED)
     return MoodPlan(mood_id, desired, writes, new_entry, None, findings)
 

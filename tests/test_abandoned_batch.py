@@ -1,6 +1,7 @@
 """A batch abandoned in flight does not leave the replicator "behind" for ever.
 
-Found by the deterministic simulation (seed 15729 of the 20,000-seed sweep): the oplog is
+Found by the deterministic simulation (seed 15729 of a 20,000-seed sweep then; seed 721 of
+today's world, with erasures, finds it when the fix is taken out): the oplog is
 truncated while a batch is being read, so `try_next` raises 286 after the batch's first event.
 The stream loop recovers (a new position, every user reconciled) and goes on, caught up, but
 `oldest_unapplied_at`, set when that first event was read, was only ever cleared at the end of
@@ -21,6 +22,6 @@ def test_a_history_loss_in_the_middle_of_a_batch_leaves_the_replicator_idle() ->
     """The schedule reads one event, loses the oplog under the next getMore, recovers; the
     world is then quiet (which needs `idle`) and the PDS exact."""
     logger.remove()
-    result = simulate(15729)
+    result = simulate(721)
     assert any("history lost: getMore moods" in line for line in result.log)
     assert result.ok, result.problems[:4]

@@ -143,7 +143,10 @@ class Cast:
     nuked: SeededUser  # nuked in flight; a new mood while it is down
     purged: SeededUser  # purged in flight; has records the ledger never knew (old writer)
     no_account: SeededUser  # no ATProto account: nothing may reach a PDS for it
+    erased: SeededUser  # erased in flight: moods deleted, then the users document
+    unset: SeededUser  # `atproto` unset in flight; moods deleted while down
     ids: dict[str, list[ObjectId]] = dataclasses.field(default_factory=dict)
+    erasing: bool = False  # the erasures are on their way (in_flight): both must end forgotten
     baseline_rkeys: dict[str, set[str]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -153,7 +156,8 @@ class Cast:
 
 async def make_cast(users: Users) -> Cast:
     a, b, c, d, e = [await users.make() for _ in range(5)]
-    return Cast(a, b, c, d, e, await users.make(with_account=False))
+    none = await users.make(with_account=False)
+    return Cast(a, b, c, d, e, none, await users.make(), await users.make())
 
 
 _counter = 0
@@ -181,7 +185,7 @@ async def nuke(store: Store, user: SeededUser, deleted: Any = True) -> None:
 
 async def baseline(store: Store, cast: Cast) -> None:
     """While the replicator runs (no crash point): 4 moods each, the no-account user's 2."""
-    for user in cast.with_account:
+    for user in [*cast.with_account, cast.erased, cast.unset]:
         await insert(store, cast, user, 4, "baseline")
     await insert(store, cast, cast.no_account, 2, "baseline")
 
@@ -204,6 +208,11 @@ async def in_flight(store: Store, cast: Cast) -> None:
     await store.moods.delete_many({"user": cast.purged.sub})
     await insert(store, cast, cast.no_account, 2, "in flight")
     await edit(store, cast.ids[cast.no_account.sub][0], "edited, no account")
+    cast.erasing = True
+    await store.moods.delete_many({"user": cast.erased.sub})  # the app's erasure, moods first
+    await store.handles.delete_one({"_id": cast.erased.sub})
+    await store.users.delete_one({"_id": cast.erased.sub})
+    await store.users.update_one({"_id": cast.unset.sub}, {"$unset": {"atproto": ""}})
 
 
 async def while_down(store: Store, cast: Cast) -> None:
@@ -215,6 +224,7 @@ async def while_down(store: Store, cast: Cast) -> None:
     await edit(store, cast.ids[cast.unnuked.sub][2], "edited while down")
     await insert(store, cast, cast.nuked, 1, "back after the nuke")
     await insert(store, cast, cast.no_account, 1, "while down")
+    await store.moods.delete_many({"user": cast.unset.sub})  # its moods after its `users`
 
 
 async def put_legacy(pds_url: str, user: SeededUser, refs: list[ObjectId], n: int) -> set[str]:
@@ -264,13 +274,29 @@ async def written_back(store: Store, ids: list[ObjectId]) -> int:
 
 
 async def converged(store: Store, pds_url: str, cast: Cast) -> bool:
-    """The PDS equals the desired state and nothing is in flight or parked."""
+    """The PDS equals the desired state and nothing is in flight or parked; the erased users'
+    records are gone and nothing names them."""
     for user in cast.with_account:
         assert user.did
         if any((await tally(store, pds_url, user.sub, user.did)).values()):
             return False
+    for user in (cast.erased, cast.unset):
+        left = len(await records(pds_url, user.did or ""))
+        if (left or await named(store, user)) if cast.erasing else left != 4:
+            return False
     busy = {"state": {"$in": [State.PENDING.value, State.PARKED.value]}}
     return await store.ledger.count_documents(busy) == 0
+
+
+async def named(store: Store, user: SeededUser) -> list[str]:
+    """Where `replicator_*` still names the user (sub, DID, handle)."""
+    needles = [n for n in (user.sub, user.did, user.handle) if n]
+    found = []
+    for name in sorted(await store.db.list_collection_names()):
+        if name.startswith(store.names.prefix):
+            async for doc in store.db[name].find({}):
+                found += [f"{name} {doc['_id']!r}" for n in needles if n in repr(doc)]
+    return found
 
 
 async def assert_exact(store: Store, pds_url: str, cast: Cast, point: str) -> None:
@@ -297,6 +323,11 @@ async def assert_exact(store: Store, pds_url: str, cast: Cast, point: str) -> No
     assert {e.state for e in ledger.values()} == {State.SKIPPED}
     assert len(ledger) == len(theirs)
     assert await store.dead_letter_count() == 0
+    # The erased users: nothing of theirs on the PDS, nothing in replicator_* names them.
+    for user in (cast.erased, cast.unset):
+        assert await records(pds_url, user.did or "") == {}, f"{point}: {user.handle} kept"
+        assert await named(store, user) == [], f"{point}: {user.handle} still named"
+    assert await store.erasure_count() == 2
 
 
 # -- where the crashing run stopped -----------------------------------------------------------
@@ -342,6 +373,12 @@ async def check_stopped_at(
     elif point == "checkpoint":
         assert pending == 0 and backs == len(burst_ids), state
         assert token_moved, state
+    elif point == "forget":
+        # The first erasure confirmed (one of the two users' repo empty), not forgotten.
+        left = [len(await records(pds_url, u.did or "")) for u in (cast.erased, cast.unset)]
+        assert 0 in left, left
+        assert await named(store, cast.erased) or await named(store, cast.unset)
+        assert await store.erasure_count() == 0
     elif point == "sweep":
         # Killed between the sweep's two `applyWrites` (200 of the 250 deletes done).
         left = await records(pds_url, cast.purged.did or "")
@@ -364,6 +401,7 @@ POINTS = [
     pytest.param("ledger", 1, id="ledger"),
     pytest.param("checkpoint", 1, id="checkpoint"),
     pytest.param("sweep", 1, id="sweep"),
+    pytest.param("forget", 1, id="forget"),
 ]
 
 

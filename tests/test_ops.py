@@ -39,6 +39,7 @@ REQUIRED_ALERTS = {
     "dead letters growing": "ReplicatorDeadLettersGrowing",
     "PDS 5xx rate": "ReplicatorPdsErrors",
     "replicator down": "ReplicatorDown",
+    "an erased user's records still public": "ReplicatorErasureBlocked",
 }
 PROMETHEUS_OWN = {"up": {"job", "instance"}}  # made by Prometheus, not by the code
 TARGET_LABELS = {"job", "instance"}

@@ -169,6 +169,7 @@ def test_status_text_names_every_section() -> None:
         "dead_letters": {"count": 1, "latest": {"mood_id": "66", "reason": "invalid: too long"}},
         "last_error": {"at": "2026-11-28T09:00:00Z", "source": "dead letter", "message": "x"},
         "pds": {"url": "http://pds", "reachable": True},
+        "erasures": {"done": 3, "under_way": 1},
         "counters": {"flushed_at": "2026-11-28T09:59:53Z", "age_seconds": 7.0,
                      "flush_interval_seconds": 10.0},
         "launch": {"users_with_account": 2, "moods_in_mongo": 11, "records_on_pds": 10,
@@ -180,7 +181,8 @@ def test_status_text_names_every_section() -> None:
                  "absent 1, present 10", "dead letters  1 (latest: 66 invalid: too long)",
                  "[dead letter] x", "reachable", "90.00% (9 synced, 1 failed)",
                  "avg 0.50s, p99 1.20s", "repairs made                   0",
-                 "lag 0.00s (as of 7s ago)", "counters flushed 7s ago, every 10s"):  # fmt: skip
+                 "lag 0.00s (as of 7s ago)", "counters flushed 7s ago, every 10s",
+                 "erasures      3 done (users forgotten), 1 under way"):  # fmt: skip
         assert part in text
     never = render({**report, "counters": {"flushed_at": None, "age_seconds": None,
                                            "flush_interval_seconds": 10.0}})  # fmt: skip

@@ -55,6 +55,9 @@ class UsersOnly:
     async def load_checkpoint(self, stream: str | None = None) -> dict[str, Any] | None:
         return None
 
+    async def save_checkpoint(self, token: Any, *, stream: str | None = None) -> None:
+        return None
+
     async def watch_users(self, token: Any, *, max_await_ms: int) -> EndedStream:
         self.streams.append(EndedStream())
         return self.streams[-1]
