@@ -30,7 +30,7 @@ from typing import Literal, Protocol
 from loguru import logger
 
 from .errors import AccountGone, PdsError
-from .identity import Resolver, host_of, same_host
+from .identity import Directory, host_of, same_host
 from .model import Account
 
 Kind = Literal["unavailable", "moved", "erased"]
@@ -63,7 +63,7 @@ class AccountGate:
         store: AccountStore,
         pds: StatusSource,
         pds_url: str,
-        resolver: Resolver | None = None,
+        directory: Directory | None = None,
         *,
         recheck_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -71,7 +71,7 @@ class AccountGate:
         self.store = store
         self.pds = pds
         self.pds_url = pds_url
-        self.resolver = resolver
+        self.directory = directory
         self.recheck_seconds = recheck_seconds
         self._clock = clock
         self._parked: dict[str, ParkedAccount] | None = None
@@ -95,8 +95,8 @@ class AccountGate:
             parked = None
         if parked is not None:
             return parked.reason
-        if self.resolver is not None:
-            endpoint = await self.resolver.pds_of(account.did)
+        if self.directory is not None:  # what is known now: the write never waits for it
+            endpoint = self.directory.endpoint(account.did)
             if endpoint is not None and not same_host(endpoint, self.pds_url):
                 reason = f"account moved to {host_of(endpoint)}"
                 await self.park(account, "moved", reason)
@@ -117,8 +117,8 @@ class AccountGate:
         forgets the entry too)."""
         if self._parked is not None:
             self._parked.pop(did, None)
-        if self.resolver is not None:
-            self.resolver.forget(did)
+        if self.directory is not None:
+            self.directory.forget(did)
 
     async def park(self, account: Account, kind: Kind, reason: str) -> ParkedAccount:
         parked_all = await self._all()
@@ -166,10 +166,12 @@ class AccountGate:
 
     async def _writable(self, parked: ParkedAccount) -> bool:
         if parked.kind == "moved":
-            if self.resolver is None:
+            if self.directory is None:
                 return True
-            self.resolver.forget(parked.did)
-            endpoint = await self.resolver.pds_of(parked.did)
+            # Decided on what the directory said last; its document is fetched again now,
+            # and the next check (with backoff) sees that.
+            endpoint = self.directory.endpoint(parked.did)
+            self.directory.refresh(parked.did)
             return endpoint is not None and same_host(endpoint, self.pds_url)
         status = await self.pds.repo_status(parked.did)
         if parked.kind == "erased":

@@ -151,7 +151,9 @@ class Applier:
                 docs[d["_id"]] = d
             elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
                 await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
-        if not self.dry_run:  # letters of moods gone for good (their delete event lost, say)
+        if account is None and not self.dry_run:
+            # Letters of moods gone for good (their delete event lost, say): what may still
+            # name a user with no account, erased where no event said so.
             await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
         ids = list(dict.fromkeys([*docs, *ledger]))
         desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
@@ -344,11 +346,13 @@ class Applier:
             metrics.observe_apply(outcome, time.monotonic() - started)
             return outcome, set()
         generation = self.store.fence.generation
-        live = [await self._salted(plan, before) for plan in live]
+        live = await self._salted(live, before)
         blocked = await self._blocked(live)
         sending = [p for p in live if p.writes and p.account and p.account.did not in blocked]
         pending = intents_for([m for p in sending for m in p.moods], before, generation)
-        await self.store.save_entries([*skipped, *pending.values()], fresh=pending.keys() - before)
+        written = await self.store.save_entries(
+            [*skipped, *pending.values()], fresh=pending.keys() - before
+        )
         if pending:
             crashpoints.hit("intent")
         results: dict[int, LaneResult] = {}
@@ -406,7 +410,7 @@ class Applier:
         failed = await self.store.write_back_many(writebacks)
         if writebacks:
             crashpoints.hit("write_back")
-        await self.store.save_entries(entries)
+        await self.store.save_entries(entries, since=written)
         if pending:
             crashpoints.hit("ledger")
         await self._report(live, before, entries, parked, failed, outcome)
@@ -423,23 +427,33 @@ class Applier:
                     blocked[plan.account.did] = reason
         return blocked
 
-    async def _salted(self, plan: UserPlan, ledger: Mapping[ObjectId, LedgerEntry]) -> UserPlan:
-        """Derived TIDs already used by another mood's record get the next salt."""
-        if plan.account is None:
-            return plan
-        owners: dict[str, ObjectId | None] = {}
+    async def _salted(
+        self, plans: list[UserPlan], ledger: Mapping[ObjectId, LedgerEntry]
+    ) -> list[UserPlan]:
+        """Derived TIDs already used by another mood's record get the next salt. The rkeys of
+        every plan are looked up together: one query a batch (one more a salt tried)."""
+        owners: dict[str, dict[str, ObjectId | None]] = {}  # did → rkey → owner
+        out = list(plans)
         while True:
-            salted, unknown = salt_collisions(plan, ledger, owners, tid.from_object_id)
+            unknown: set[tuple[str, str]] = set()
+            for i, plan in enumerate(plans):
+                if plan.account is None:
+                    continue
+                known = owners.setdefault(plan.account.did, {})
+                out[i], missing = salt_collisions(plan, ledger, known, tid.from_object_id)
+                unknown |= {(plan.account.did, rkey) for rkey in missing}
             if not unknown:
                 break
-            found = await self.store.rkey_owners(plan.account.did, sorted(unknown))
-            owners.update({rkey: found.get(rkey) for rkey in unknown})
-        for before, after in zip(plan.moods, salted.moods, strict=True):
-            if after.entry.rkey != before.entry.rkey:
-                logger.bind(mood_id=str(after.mood_id), did=plan.account.did).warning(
-                    "rkey collision at {}: salted to {}", before.entry.rkey, after.entry.rkey
-                )
-        return salted
+            found = await self.store.rkey_owners(unknown)
+            for did, rkey in unknown:
+                owners[did][rkey] = found.get((did, rkey))
+        for plan, salted in zip(plans, out, strict=True):
+            for before, after in zip(plan.moods, salted.moods, strict=True):
+                if after.entry.rkey != before.entry.rkey:
+                    logger.bind(mood_id=str(after.mood_id), did=after.entry.did).warning(
+                        "rkey collision at {}: salted to {}", before.entry.rkey, after.entry.rkey
+                    )
+        return out
 
     def _chunks(self, writes: list[Write]) -> list[Sequence[Write]]:
         """`applyWrites` only for writes whose target is known to exist or not; one whose

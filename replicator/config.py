@@ -12,6 +12,9 @@ from .logs import redact_uri
 from .store import Names
 
 DEFAULT_DB = "aesthetic"
+# The PDS's own name for it: an operator copies it from the PDS's environment (a secret: read
+# from the environment only, never a flag that `ps` would show).
+BYPASS_ENV = "PDS_RATE_LIMIT_BYPASS_KEY"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Settings:
     account_recheck_seconds: float = 30.0
     http_addr: str = "127.0.0.1:9464"  # /metrics /healthz /readyz; "off": none
     create_indexes: bool = True  # the index on the app's `moods`; False: only warn if missing
+    # The PDS's own PDS_RATE_LIMIT_BYPASS_KEY: sent as `x-ratelimit-bypass` (a secret).
+    rate_limit_bypass_key: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # the URI may hold a password
         return f"Settings(db={self.db_name!r}, pds={self.pds_url!r}, names={self.names!r})"

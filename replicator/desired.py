@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import libipld
 import orjson
 from bson import ObjectId
 from bson.datetime_ms import DatetimeMS
@@ -192,6 +193,16 @@ def _build(doc: Mapping[str, Any], mood_id: ObjectId) -> tuple[Record, str]:
 
 def content_hash(record: Record) -> str:
     return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+_CID_V1_DAG_CBOR_SHA256 = b"\x01\x71\x12\x20"  # version 1, dag-cbor, sha2-256, 32 bytes
+
+
+def record_cid(record: Record) -> str:
+    """The CID the PDS gives this record (CIDv1, dag-cbor, sha2-256, base32), known before
+    it is written: an intent records it, so the outcome of a create is only its state."""
+    digest = hashlib.sha256(libipld.encode_dag_cbor(record)).digest()
+    return str(libipld.encode_cid(_CID_V1_DAG_CBOR_SHA256 + digest))
 
 
 # Hashes of records that passed the lexicon. Every insert comes back as a second event (our own

@@ -129,6 +129,10 @@ class Monitor:
         metrics.STREAM_OPEN.set_function(lambda: float(r.stream_open))
         metrics.OPEN_SESSIONS.set_function(lambda: sessions.open_sessions)
         metrics.READY.set_function(lambda: float(self.readiness()[0]))
+        directory = self.rt.directory
+        metrics.DIRECTORY_UP.set_function(
+            lambda: 0.0 if directory is not None and directory.up is False else 1.0
+        )
         metrics.INFO.info({"version": _version(), "mode": self.mode})
 
     @property

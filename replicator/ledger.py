@@ -17,6 +17,7 @@ from typing import Literal
 
 from bson import ObjectId
 
+from .desired import record_cid
 from .model import LedgerEntry, Location, State, Write
 from .plan import MoodPlan
 
@@ -52,12 +53,15 @@ def _union(*groups: tuple[Location, ...] | list[Location]) -> tuple[Location, ..
 
 
 def intent(mood: MoodPlan, before: LedgerEntry | None, generation: int | None) -> LedgerEntry:
-    """The entry written before the mood's writes are sent."""
+    """The entry written before the mood's writes are sent. A put's record's CID is known
+    already (`record_cid`): kept, unused while pending (`LedgerEntry.sure` is False), so
+    that its outcome differs from the intent by its state alone."""
     touched = [(w.did, w.rkey) for w in mood.writes]
+    put = next((w for w in mood.writes if w.action == "put" and w.record is not None), None)
     return replace(
         mood.entry,
         state=State.PENDING,
-        cid=None,
+        cid=record_cid(put.record) if put is not None and put.record is not None else None,
         reason=None,
         attempts=before.attempts if before is not None else 0,
         retry_at=None,

@@ -16,7 +16,8 @@ from loguru import logger
 
 _SECRET_PATTERNS = [
     re.compile(
-        r"(?i)(password|passwd|pwd|accessJwt|refreshJwt|token|authorization|bearer)"
+        r"(?i)(password|passwd|pwd|accessJwt|refreshJwt|token|authorization|bearer"
+        r"|ratelimit-bypass|bypass[_ ]key)"
         r"(['\"]?\s*[:=]\s*|\s+)(?:(?:bearer|basic)\s+)?"
         # a quoted value whole (passwords may hold spaces and escaped quotes), else one word
         r"(\"(?:[^\"\\]|\\.)*\"?|'(?:[^'\\]|\\.)*'?|[^\s'\",}]+)"
@@ -31,7 +32,18 @@ def _mask(m: re.Match[str]) -> str:
     return f"{m.group(1)}{m.group(2)}{quote}***{quote}"
 
 
+_LITERALS: set[str] = set()  # secrets known by value (the rate-limit bypass key)
+
+
+def add_secret(value: str) -> None:
+    """A configured secret, masked wherever it appears, whatever surrounds it."""
+    if len(value) >= 4:
+        _LITERALS.add(value)
+
+
 def redact(text: str) -> str:
+    for secret in _LITERALS:
+        text = text.replace(secret, "***")
     text = _SECRET_PATTERNS[0].sub(_mask, text)
     text = _SECRET_PATTERNS[1].sub("***", text)
     return _SECRET_PATTERNS[2].sub(r"\1***\3", text)

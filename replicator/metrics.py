@@ -86,6 +86,12 @@ READY = Gauge(
     registry=REGISTRY,
 )
 PDS_UP = Gauge("replicator_pds_up", "1 if the last PDS health probe succeeded.", registry=REGISTRY)
+DIRECTORY_UP = Gauge(
+    "replicator_directory_up",
+    "0 while the DID directory (REPLICATOR_PLC_URL) does not answer, else 1. Advisory: writes "
+    "go on meanwhile, to each account's last known PDS (else PDS_URL).",
+    registry=REGISTRY,
+)
 PDS_REQUESTS = Counter(
     "replicator_pds_requests_total",
     "PDS XRPC calls by method (NSID) and HTTP status (0: no answer).",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from .identity import host_of, same_host
 from .logs import redact
 
 Status = Literal["ok", "warn", "fail"]
@@ -217,6 +218,40 @@ def judge_pds(health: Mapping[str, Any] | None, error: str | None, url: str) -> 
         return fail("pds", f"{url}: {error}", "check PDS_URL / --pds-url and that the PDS runs")
     version = health.get("version")
     return ok("pds", f"{url} reachable, version {version or 'not reported'}")
+
+
+def judge_directory(
+    plc_url: str, pds_url: str, did: str | None, endpoint: str | None, error: str | None
+) -> Result:
+    """One account's DID document, fetched from REPLICATOR_PLC_URL. Advisory: `run` writes
+    on whatever it says (or does not), so nothing here fails the preflight."""
+    name = "did directory"
+    if did is None:
+        if error is not None:
+            return warn(name, f"no DID could be read from users: {error}")
+        return ok(name, f"{plc_url}: not tried (no user has a did:plc account yet)")
+    if error is not None:
+        return warn(
+            name,
+            f"{plc_url} did not answer for {did} ({error}): `run` writes on, to each account's "
+            "last known PDS (else PDS_URL), and notices moved accounts only once it answers",
+            "check REPLICATOR_PLC_URL / --plc-url and that this machine reaches it "
+            "(https://plc.directory in production; the dev stack's own PLC locally)",
+        )
+    if endpoint is None:
+        return warn(
+            name,
+            f"{plc_url} has no document for {did}",
+            "point REPLICATOR_PLC_URL at the directory that registered the accounts",
+        )
+    if not same_host(endpoint, pds_url):
+        return warn(
+            name,
+            f"{did}'s document names {host_of(endpoint)}, not PDS_URL ({host_of(pds_url)}): "
+            "`run` parks such accounts as moved",
+            "set PDS_URL to the PDS's public URL, as the DID documents name it",
+        )
+    return ok(name, f"{plc_url} answers: {did} is on {host_of(endpoint)}")
 
 
 def judge_accounts(sampled: Sequence[tuple[str, str | None]], asked: int) -> Result:

@@ -19,12 +19,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import preflight as judge
 from .config import Settings
 from .errors import AuthFailed, PdsError
+from .identity import Directory, Unreachable
 from .lexicon import SCHEMA_NSID, LexiconError, load_lexicons, schema_record
 from .logs import redact, redact_uri
 from .pds import Pds
@@ -34,6 +36,7 @@ from .store import Store, account_from_user, connect, mongo_problem
 
 # A preflight gives up on a PDS that stays unreachable; the sidecar would retry for ever.
 PDS_TIMEOUT = 10.0
+DIRECTORY_TIMEOUT = 5.0
 PROBE_COLLECTION = "preflight"  # after the replicator's prefix: `replicator_preflight`
 
 
@@ -72,7 +75,8 @@ async def run_checks(
         client = connect(settings.mongodb_uri)
     except PyMongoError as exc:  # a URI the driver refuses, an SRV name that does not resolve
         raise mongo_problem(exc, settings.mongodb_uri) or exc from None
-    pds = Pds(settings.pds_url, timeout=PDS_TIMEOUT, retry_timeout=PDS_TIMEOUT)
+    pds = Pds(settings.pds_url, timeout=PDS_TIMEOUT, retry_timeout=PDS_TIMEOUT,
+              bypass_key=settings.rate_limit_bypass_key)  # fmt: skip
     try:
         store = Store(client, settings.db_name, settings.names)
         reached, answered = await check_mongo(store, settings.mongodb_uri)
@@ -82,6 +86,8 @@ async def run_checks(
             results.append(await check_oplog(store, outage_hours))
         pds_result = await check_pds(pds)
         results.append(pds_result)
+        if answered:
+            results.append(await check_directory(store, settings.plc_url, settings.pds_url))
         if pds_result.status != "fail":
             if answered:
                 results.append(await check_accounts(store, pds, sample_accounts))
@@ -280,6 +286,25 @@ async def check_pds(pds: Pds) -> Result:
         error = f"{pds_error(exc)} (accounts and lexicon not checked)"
         return judge.judge_pds(None, error, pds.base_url)
     return judge.judge_pds(health, None, pds.base_url)
+
+
+async def check_directory(store: Store, plc_url: str, pds_url: str) -> Result:
+    """The DID document of one account with a did:plc, fetched as `run` fetches it."""
+    try:
+        doc = await store.users.find_one(
+            {"atproto.did": {"$regex": "^did:plc:"}}, {"atproto.did": 1}
+        )
+    except PyMongoError as exc:
+        return judge.judge_directory(plc_url, pds_url, None, None, mongo_error(exc))
+    if doc is None:
+        return judge.judge_directory(plc_url, pds_url, None, None, None)
+    did = str(doc["atproto"]["did"])
+    async with httpx.AsyncClient() as http:
+        try:
+            endpoint = await Directory(http, plc_url, timeout=DIRECTORY_TIMEOUT).fetch(did)
+        except Unreachable as exc:
+            return judge.judge_directory(plc_url, pds_url, did, None, str(exc))
+    return judge.judge_directory(plc_url, pds_url, did, endpoint, None)
 
 
 async def check_accounts(store: Store, pds: Pds, sample: int) -> Result:

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
+import anyio.abc
 import httpx
 
 from . import metrics
@@ -13,7 +15,7 @@ from .accounts import AccountGate
 from .apply import Applier
 from .config import Settings
 from .errors import Unavailable
-from .identity import Resolver
+from .identity import Directory
 from .lease import Fence, Lease
 from .logs import redact_uri
 from .pds import Pds
@@ -32,6 +34,7 @@ class Runtime:
     sessions: SessionPool
     writer: RepoWriter
     applier: Applier
+    directory: Directory | None = None
     lease: Lease | None = None
 
     def replicator(self) -> Replicator:
@@ -67,10 +70,11 @@ async def open_runtime(
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
+        bypass_key=settings.rate_limit_bypass_key,
     )  # fmt: skip
     plc = httpx.AsyncClient(timeout=10.0)
     try:
-        async with open_client(settings.mongodb_uri) as client:
+        async with open_client(settings.mongodb_uri) as client, _beside() as tg:
             store = Store(client, settings.db_name, settings.names)
             if settings.dry_run:
                 store.checkpoint_name += ":dry-run"
@@ -88,8 +92,10 @@ async def open_runtime(
                 store.fence = pds.fence = Fence(await current_generation(store, settings))
             sessions = SessionPool(pds, store)
             writer = RepoWriter(sessions)
+            directory = Directory(plc, settings.plc_url)
+            tg.start_soon(directory.run)  # beside the writes, for the runtime's whole life
             gate = AccountGate(
-                store, pds, settings.pds_url, Resolver(plc, settings.plc_url),
+                store, pds, settings.pds_url, directory,
                 recheck_seconds=settings.account_recheck_seconds,
             )  # fmt: skip
             applier = Applier(
@@ -101,10 +107,26 @@ async def open_runtime(
                 only_users=await resolve_allowlist(store, settings.only_users),
                 lane_deadline=settings.lane_deadline,
             )
-            yield Runtime(settings, store, pds, sessions, writer, applier, keeper)
+            try:
+                yield Runtime(settings, store, pds, sessions, writer, applier, directory, keeper)
+            finally:
+                tg.cancel_scope.cancel()
     finally:
         await plc.aclose()
         await pds.aclose()
+
+
+@asynccontextmanager
+async def _beside() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group for what runs beside the runtime's user (the directory's refresher, which
+    never raises): the user's own exception comes out as it was raised, not in a group."""
+    try:
+        async with anyio.create_task_group() as tg:
+            yield tg
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def lease_name(settings: Settings) -> str:

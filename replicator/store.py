@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
+import bson
 from bson import ObjectId
 from bson.codec_options import DatetimeConversion
 from loguru import logger
@@ -101,6 +104,9 @@ class Names:
 
 
 SERVER_SELECTION_MS = 10_000
+# `$in` lists are sent in chunks of this many, `IN_PARALLEL` at a time (Store._find_in).
+IN_CHUNK = 100
+IN_PARALLEL = 4
 _AUTH_FAILED = frozenset({18, 8000})  # AuthenticationFailed; Atlas's "bad auth"
 _UNAUTHORIZED = 13
 
@@ -347,10 +353,32 @@ class Store:
 
     # -- the app's data ---------------------------------------------------------------------
 
+    async def _find_in(
+        self,
+        collection: AsyncCollection[Doc],
+        field: str,
+        values: Sequence[Any],
+        projection: Mapping[str, Any] | None = None,
+    ) -> list[Doc]:
+        """`find({field: {$in: values}})` in chunks of `IN_CHUNK`, a few at a time: no
+        server's cost for one query then grows with the square of a batch, and the chunks
+        overlap their round trips."""
+        chunks = [values[i : i + IN_CHUNK] for i in range(0, len(values), IN_CHUNK)]
+        found: list[list[Doc]] = [[] for _ in chunks]
+        limiter = anyio.CapacityLimiter(IN_PARALLEL)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                query = {field: {"$in": list(chunks[i])}}
+                found[i] = [d async for d in collection.find(query, projection)]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(chunks)):
+                tg.start_soon(one, i)
+        return [d for part in found for d in part]
+
     async def moods_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, Doc]:
-        if not ids:
-            return {}
-        return {d["_id"]: d async for d in self.moods.find({"_id": {"$in": list(ids)}})}
+        return {d["_id"]: d for d in await self._find_in(self.moods, "_id", list(ids))}
 
     async def moods_of_user(self, sub: str) -> list[Doc]:
         return [d async for d in self.moods.find({"user": sub}).sort("_id", 1)]
@@ -358,9 +386,8 @@ class Store:
     async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
         wanted = sorted(set(subs))
         found: dict[str, Account | None] = dict.fromkeys(wanted)
-        if wanted:
-            async for doc in self.users.find({"_id": {"$in": wanted}}):
-                found[str(doc["_id"])] = account_from_user(doc)
+        for doc in await self._find_in(self.users, "_id", wanted):
+            found[str(doc["_id"])] = account_from_user(doc)
         return found
 
     async def users_gone(self, subs: Iterable[str]) -> dict[str, bool]:
@@ -369,10 +396,8 @@ class Store:
         wanted = sorted(set(subs))
         if not wanted:
             return {}
-        there = {
-            str(d["_id"]): d
-            async for d in self.users.find({"_id": {"$in": wanted}}, {"atproto": 1})
-        }
+        there = {str(d["_id"]): d for d in await self._find_in(self.users, "_id", wanted,
+                                                                 {"atproto": 1})}  # fmt: skip
         return {sub: sub not in there for sub in wanted if user_gone(there.get(sub))}
 
     async def user_of_mood(self, mood_id: Any) -> Any:
@@ -388,84 +413,96 @@ class Store:
         return str(doc["_id"]) if doc else None
 
     async def write_back_many(self, rkeys: Mapping[ObjectId, str]) -> dict[ObjectId, str]:
-        """`$set atproto.rkey`, never upserting: a deleted document is not resurrected. Only
-        called when the document's rkey differs, so the replicator's own update is rare.
+        """`atproto.rkey` set on each document, never upserting: a deleted document is not
+        resurrected. Only called where the document's rkey differs, so the replicator's own
+        update is rare. One pipeline `update_many` a chunk (each document's rkey picked from
+        a map by its `_id`; an `atproto` that is not an object, bad input, is replaced);
+        a chunk MongoDB refuses is done one document at a time, to name the failures.
         Returns the moods whose write-back failed, with the reason (they are dead-lettered)."""
         if not rkeys:
             return {}
         self.fence.check()
         items = list(rkeys.items())
         failed: dict[ObjectId, str] = {}
-        try:
-            await self.moods.bulk_write(
-                [UpdateOne({"_id": i}, {"$set": {"atproto.rkey": r}}) for i, r in items],
-                ordered=False,
-            )
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                mood_id, rkey = items[error["index"]]
-                if error.get("code") != 28:  # not "atproto is not an object"
-                    failed[mood_id] = f"write-back of atproto.rkey failed: {error.get('errmsg')}"
-                    continue
-                # `atproto` holds something that is not an object (bad input): replace it.
-                try:
-                    await self.moods.update_one(
-                        {"_id": mood_id}, {"$set": {"atproto": {"rkey": rkey}}}
-                    )
-                except OperationFailure as again:
-                    failed[mood_id] = f"write-back of atproto.rkey failed: {again}"
+        for start in range(0, len(items), IN_CHUNK):
+            chunk = dict(items[start : start + IN_CHUNK])
+            try:
+                await self.moods.update_many({"_id": {"$in": list(chunk)}}, _rkey_pipeline(chunk))
+            except OperationFailure:
+                failed |= await self._write_back_each(chunk)
+        return failed
+
+    async def _write_back_each(self, rkeys: Mapping[ObjectId, str]) -> dict[ObjectId, str]:
+        failed: dict[ObjectId, str] = {}
+        for mood_id, rkey in rkeys.items():
+            try:
+                await self.moods.update_one({"_id": mood_id}, _rkey_pipeline({mood_id: rkey}))
+            except OperationFailure as exc:
+                failed[mood_id] = f"write-back of atproto.rkey failed: {exc}"
         return failed
 
     # -- ledger -----------------------------------------------------------------------------
 
     async def ledger_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, LedgerEntry]:
-        if not ids:
-            return {}
-        cursor = self.ledger.find({"_id": {"$in": [str(i) for i in ids]}})
-        return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
+        docs = await self._find_in(self.ledger, "_id", [str(i) for i in ids])
+        return {(e := entry_from_doc(d)).mood_id: e for d in docs}
 
     async def ledger_of_user(self, sub: str) -> dict[ObjectId, LedgerEntry]:
         cursor = self.ledger.find({"user": sub})
         return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
 
-    async def rkey_owners(self, did: str, rkeys: Sequence[str]) -> dict[str, ObjectId]:
-        """Which mood's ledger entry holds each of these rkeys in the repo `did`."""
-        cursor = self.ledger.find({"rkey": {"$in": list(rkeys)}}, {"rkey": 1, "did": 1})
-        return {str(d["rkey"]): ObjectId(d["_id"]) async for d in cursor if d.get("did") == did}
+    async def rkey_owners(
+        self, where: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], ObjectId]:
+        """Which mood's ledger entry holds each of these (did, rkey): one query by rkey (TIDs
+        are near-unique, and indexed), in chunks."""
+        rkeys = sorted({rkey for _, rkey in where})
+        docs = await self._find_in(self.ledger, "rkey", rkeys, {"rkey": 1, "did": 1})
+        found = {(str(d.get("did")), str(d["rkey"])): ObjectId(d["_id"]) for d in docs}
+        return {key: owner for key, owner in found.items() if key in where}
 
     async def save_entries(
-        self, entries: Sequence[LedgerEntry], *, fresh: Collection[ObjectId] = ()
-    ) -> None:
+        self,
+        entries: Sequence[LedgerEntry],
+        *,
+        fresh: Collection[ObjectId] = (),
+        since: Written | None = None,
+    ) -> Written:
         """Upsert, stamped with this process's lease generation; an entry a newer generation
         wrote is never overwritten (MongoDB refuses the upsert: `Fenced`).
 
-        `fresh`: moods the caller read no entry for (the intents of new moods, most of a
-        burst). Those are inserted in one command, which costs the server a fraction of as
-        many upserts; one that exists after all (written meanwhile) goes the upsert way, so
-        the fence decides it exactly as before."""
+        How MongoDB is asked changes nothing of what ends stored (the simulation's store
+        does not ask differently), only what it costs the server:
+
+        - `fresh`: moods the caller read no entry for (the intents of new moods, most of a
+          burst): inserted in one command; one that exists after all (written meanwhile)
+          goes the upsert way, so the fence decides it exactly as before.
+        - `since`: what this returned when the caller stored these moods' intents. An
+          outcome that differs from its intent by the same fields and values as others (a
+          burst of creates: only `state`) is one `update_many` for all of them, not one
+          update each. It matches only entries still exactly as that write left them (its
+          `write` id): any other writer meanwhile, and they all go the upsert way."""
+        write = secrets.token_hex(8)
         if not entries:
-            return
+            return Written(write, {})
         self.fence.check()
         now = time.time()
         generation = self.fence.generation
         docs = {
-            e.mood_id: {**entry_to_doc(replace(e, generation=generation)), "updated_at": now}
+            e.mood_id: {
+                **entry_to_doc(replace(e, generation=generation)), "updated_at": now,
+                "write": write,
+            }
             for e in entries
-        }
+        }  # fmt: skip
         inserts = [i for i in docs if i in fresh]
         rest = [i for i in docs if i not in fresh]
         if inserts:
-            try:
-                await self.ledger.insert_many(
-                    [{"_id": str(i), **docs[i]} for i in inserts], ordered=False
-                )
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                if any(e.get("code") != 11000 for e in errors):
-                    raise
-                rest += [inserts[e["index"]] for e in errors]
+            rest += await self._insert_entries(inserts, docs)
+        if since is not None and since.entries:
+            rest = await self._update_like(rest, docs, since, generation)
         if not rest:
-            return
+            return Written(write, {e.mood_id: e for e in entries})
         query = _not_newer_than(generation)
         try:
             await self.ledger.bulk_write(
@@ -478,6 +515,54 @@ class Store:
             if any(e.get("code") == 11000 for e in errors):
                 raise Fenced("a newer lease generation wrote these ledger entries") from None
             raise
+        return Written(write, {e.mood_id: e for e in entries})
+
+    async def _insert_entries(
+        self, ids: list[ObjectId], docs: Mapping[ObjectId, Doc]
+    ) -> list[ObjectId]:
+        """Insert; returns the ones that existed after all (to be upserted)."""
+        try:
+            await self.ledger.insert_many([{"_id": str(i), **docs[i]} for i in ids], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
+                raise
+            return [ids[e["index"]] for e in errors]
+        return []
+
+    async def _update_like(
+        self,
+        ids: list[ObjectId],
+        docs: Mapping[ObjectId, Doc],
+        since: Written,
+        generation: int | None,
+    ) -> list[ObjectId]:
+        """Entries whose change from `since` is the same, one `update_many` a group (and a
+        chunk); returns the ones still to upsert one by one."""
+        groups: dict[bytes, list[ObjectId]] = {}
+        changes: dict[bytes, Doc] = {}
+        left = []
+        for i in ids:
+            before = since.entries.get(i)
+            if before is None:
+                left.append(i)
+                continue
+            old = entry_to_doc(replace(before, generation=generation))
+            change = {k: v for k, v in docs[i].items()
+                      if k in ("updated_at", "write") or old.get(k) != v}  # fmt: skip
+            key = bson.encode(change)
+            groups.setdefault(key, []).append(i)
+            changes[key] = change
+        query = {"write": since.write}  # as the intents' write left them, whoever is newer
+        for key, group in groups.items():
+            for start in range(0, len(group), IN_CHUNK):
+                chunk = group[start : start + IN_CHUNK]
+                done = await self.ledger.update_many(
+                    {"_id": {"$in": [str(i) for i in chunk]}, **query}, {"$set": changes[key]}
+                )
+                if done.matched_count != len(chunk):
+                    left += chunk  # the upsert way decides each (and raises `Fenced`)
+        return left
 
     async def ledger_counts(self) -> dict[str, int]:
         cursor = await self.ledger.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
@@ -748,9 +833,29 @@ class Store:
         return await self.dead_letters.count_documents({})
 
 
+def _rkey_pipeline(rkeys: Mapping[ObjectId, str]) -> list[Doc]:
+    """`$set atproto.rkey` to each document's own rkey, looked up by its `_id` (a string key:
+    ObjectIds as hex, as `$toString` gives them); an `atproto` that is not an object (bad
+    input) becomes `{rkey}`. MongoDB 5.0+ (`$getField`)."""
+    by_id = {str(i): r for i, r in rkeys.items()}
+    rkey = {"$getField": {"field": {"$toString": "$_id"}, "input": {"$literal": by_id}}}
+    kept = {"$cond": [{"$eq": [{"$type": "$atproto"}, "object"]}, "$atproto", {}]}
+    return [{"$set": {"atproto": {"$mergeObjects": [kept, {"rkey": rkey}]}}}]
+
+
 def letter_key(mood_id: Any) -> str:
     """A dead letter's `_id`: the mood id in hex, or the repr of an id that is no ObjectId."""
     return str(mood_id) if isinstance(mood_id, ObjectId) else repr(mood_id)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one `save_entries` stored: its `write` id (in every document it wrote) and the
+    entries. Given back as `since`, it lets the next write of the same moods send only the
+    change (`Store._update_like`)."""
+
+    write: str
+    entries: Mapping[ObjectId, LedgerEntry]
 
 
 def _not_newer_than(generation: int | None) -> dict[str, Any]:

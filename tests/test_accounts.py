@@ -485,6 +485,9 @@ def plc_proxy(upstream: str) -> Iterator[PlcProxy]:
 async def test_did_document_pointing_elsewhere_parks_the_user(
     stack: LocalStack, settings: Settings, rt: Runtime, users: Users
 ) -> None:
+    """The directory is read beside the writes: an account's first write goes where `users`
+    says (PDS_URL) while its document is being fetched; once the document names another PDS,
+    the account's writes are parked, and released when it names ours again."""
     ivy, jon = await users.make(), await users.make()
     assert ivy.did and jon.did and stack.plc_url
     with plc_proxy(stack.plc_url) as plc:
@@ -494,10 +497,18 @@ async def test_did_document_pointing_elsewhere_parks_the_user(
             faulty_runtime(with_settings(settings, plc_url=plc.url), tap) as own,
             running(own),
         ):
-            ids = [await insert_mood(rt.store, ivy.sub, f"ivy {i}") for i in range(2)]
+            assert own.directory is not None
+            directory = own.directory
             for i in range(2):
                 await insert_mood(rt.store, jon.sub, f"jon {i}")
             await eventually(lambda: exactly(rt, jon, 2), 30, "the other user flows")
+            directory.endpoint(ivy.did)  # as the first write of ivy would: a fetch is asked
+
+            async def known() -> bool:
+                return directory.endpoint(ivy.did) == plc.endpoint
+
+            await eventually(known, 30, "ivy's document fetched beside the writes")
+            ids = [await insert_mood(rt.store, ivy.sub, f"ivy {i}") for i in range(2)]
             reason = "account moved to elsewhere.example"
 
             async def parked() -> bool:
@@ -513,7 +524,7 @@ async def test_did_document_pointing_elsewhere_parks_the_user(
 
             # The document names our PDS again: re-checked, released, reconciled.
             plc.moved.clear()
-            await converged(own, ivy, 2, timeout=30)
+            await converged(own, ivy, 2, timeout=60)
             await eventually(lambda: nothing_parked(rt, ivy.sub), 10, "nothing parked")
         assert await rt.store.parked.count_documents({}) == 0
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from ..config import DEFAULT_DB, MONGODB_SCHEMES, Settings, check_url
+from ..config import BYPASS_ENV, DEFAULT_DB, MONGODB_SCHEMES, Settings, check_url
 from ..errors import ConfigError
 from ..identity import PUBLIC_PLC
 from ..store import Names
@@ -76,6 +77,7 @@ def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
     if not pds_url:
         raise ConfigError("set PDS_URL or --pds-url")
     return Settings(
+        rate_limit_bypass_key=os.environ.get(BYPASS_ENV) or None,
         mongodb_uri=uri,
         db_name=kw["db_name"],
         pds_url=pds_url,

@@ -10,6 +10,7 @@ which is how other services resolve `computer.aesthetic.*` (with a DNS TXT recor
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import anyio
 import click
 
-from replicator.config import check_url
+from replicator.config import BYPASS_ENV, check_url
 from replicator.errors import Rejected, TokenRejected
 from replicator.lexicon import (
     LEXICON_DIR,
@@ -311,7 +312,8 @@ class _LoginFailed(Exception):
 async def _publish_cli(
     pds_url: str, identifier: str, password: str, docs: list[dict[str, Any]], dry_run: bool
 ) -> list[Published]:
-    pds = Pds(pds_url, retry_timeout=PUBLISH_RETRY_TIMEOUT)
+    pds = Pds(pds_url, retry_timeout=PUBLISH_RETRY_TIMEOUT,
+              bypass_key=os.environ.get(BYPASS_ENV) or None)  # fmt: skip
     try:
         return await publish_lexicons(pds, identifier, password, docs, dry_run=dry_run)
     finally:

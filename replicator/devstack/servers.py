@@ -120,6 +120,10 @@ class LocalPDS:
     log_dir: Path
     port: int = 0
     plc_port: int = 0
+    # The production installer's rate limits (`PDS_RATE_LIMITS_ENABLED=true`), with this
+    # bypass key (`PDS_RATE_LIMIT_BYPASS_KEY`) when given: for the tests that need them.
+    rate_limits: bool = False
+    bypass_key: str | None = None
     child: Child | None = field(default=None, init=False)
 
     @property
@@ -142,6 +146,10 @@ class LocalPDS:
             self.plc_port = self.plc_port or free_port()
             env = npm_env()
             env.update(PDS_PORT=str(self.port), PLC_PORT=str(self.plc_port), LOG_ENABLED="false")
+            if self.rate_limits:
+                env["PDS_RATE_LIMITS_ENABLED"] = "true"
+            if self.bypass_key:
+                env["PDS_RATE_LIMIT_BYPASS_KEY"] = self.bypass_key
             env.setdefault("NODE_ENV", "development")
             child = Child(
                 "PDS (@atproto/dev-env)",

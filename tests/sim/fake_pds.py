@@ -33,7 +33,6 @@ write, or a 502 after it (committed, but the answer lost).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from typing import Any, Literal
 
 import httpx
 import orjson
+
+from replicator.desired import record_cid
 
 from .scheduler import Process, Scheduler
 
@@ -61,8 +62,8 @@ class XrpcFail(Exception):
 
 
 def cid_of(record: Record) -> str:
-    digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return f"bafyrei{digest[:52]}"
+    """The CID the reference PDS gives a record (dag-cbor, sha2-256)."""
+    return record_cid(record)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from replicator.model import Account, LedgerEntry, State
 from replicator.sessions import Session, session_from_doc, session_to_doc
 from replicator.store import (
     Names,
+    Written,
     _due,
     account_from_user,
     entry_from_doc,
@@ -162,22 +163,30 @@ class FakeStore:
         )
         return {(e := entry_from_doc(d)).mood_id: e for d in docs}
 
-    async def rkey_owners(self, did: str, rkeys: Sequence[str]) -> dict[str, ObjectId]:
-        wanted = set(rkeys)
+    async def rkey_owners(
+        self, where: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], ObjectId]:
+        rkeys = {rkey for _, rkey in where}
 
-        def op() -> dict[str, ObjectId]:
-            docs = self._ledger_docs(lambda d: d.get("rkey") in wanted)
+        def op() -> dict[tuple[str, str], ObjectId]:
+            docs = self._ledger_docs(lambda d: d.get("rkey") in rkeys)
             docs.sort(key=lambda d: (d["rkey"], d["_id"]))  # the rkey index's order
-            return {str(d["rkey"]): ObjectId(d["_id"]) for d in docs if d.get("did") == did}
+            found = {(str(d.get("did")), str(d["rkey"])): ObjectId(d["_id"]) for d in docs}
+            return {key: owner for key, owner in found.items() if key in where}
 
         return await self._io("rkey_owners", op)
 
     async def save_entries(
-        self, entries: Sequence[LedgerEntry], *, fresh: Collection[ObjectId] = ()
-    ) -> None:
-        """`fresh` changes how MongoDB is asked, not what ends stored: ignored here."""
+        self,
+        entries: Sequence[LedgerEntry],
+        *,
+        fresh: Collection[ObjectId] = (),
+        since: Written | None = None,
+    ) -> Written:
+        """`fresh` and `since` change how MongoDB is asked, not what ends stored: ignored."""
+        written = Written("sim", {e.mood_id: e for e in entries})
         if not entries:
-            return
+            return written
         self.fence.check()
         generation = self.fence.generation
         now = self._now()
@@ -204,6 +213,7 @@ class FakeStore:
                 raise Fenced("a newer lease generation wrote these ledger entries")
 
         await self._io("save_entries", op)
+        return written
 
     async def ledger_counts(self) -> dict[str, int]:
         def op() -> dict[str, int]:

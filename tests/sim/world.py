@@ -29,7 +29,7 @@ from bson import ObjectId
 from replicator.accounts import AccountGate
 from replicator.apply import Applier
 from replicator.desired import desired_state
-from replicator.identity import Resolver
+from replicator.identity import Directory
 from replicator.lease import Fence
 from replicator.model import State
 from replicator.pds import Pds
@@ -189,6 +189,7 @@ class Incarnation:
     proc: Process
     store: FakeStore
     replicator: Replicator
+    directory: Directory  # its refresher runs beside the replicator, as `open_runtime` runs it
     clients: list[httpx.AsyncClient]
 
 
@@ -402,8 +403,8 @@ class World:
         core = cast(Store, store)
         sessions = SessionPool(pds, core)
         writer = RepoWriter(sessions)
-        gate = AccountGate(core, pds, self.pds.url,
-                           Resolver(plc, PLC_URL, clock=self.clock.monotonic),
+        directory = Directory(plc, PLC_URL, clock=self.clock.monotonic)
+        gate = AccountGate(core, pds, self.pds.url, directory,
                            recheck_seconds=o.account_recheck_seconds,
                            clock=self.clock.time)  # fmt: skip
         applier = Applier(core, writer, gate=gate, concurrency=o.concurrency, clock=self.clock.time)
@@ -413,14 +414,17 @@ class World:
             on_history_lost="reconcile", clock=self.clock.monotonic,
         )  # fmt: skip
         self.scheduler.note(f"start p{proc.number}{'' if crashable else ' (no crashes)'}")
-        return Incarnation(proc, store, replicator, [http, plc])
+        return Incarnation(proc, store, replicator, directory, [http, plc])
 
     async def run_process(self, inc: Incarnation) -> bool:
         """Until it is stopped (True) or killed (False)."""
         self.current = inc
         self.stop = anyio.Event()
         try:
-            await inc.replicator.run(self.stop)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(inc.directory.run)
+                await inc.replicator.run(self.stop)
+                tg.cancel_scope.cancel()
         except BaseException as exc:
             if not _only_crashes(exc):
                 raise

@@ -16,6 +16,10 @@ const pdsConfig = {
   blobstoreDiskLocation: path.join(dataDirectory, 'blobs'),
   // Fixed for the life of this process, so a restarted PDS can still update its DIDs.
   plcRotationKeyK256PrivateKeyHex: randomBytes(32).toString('hex'),
+  // Off unless asked: the production installer turns them on (tests of the limits do too).
+  rateLimitsEnabled: process.env.PDS_RATE_LIMITS_ENABLED === 'true',
+  ...(process.env.PDS_RATE_LIMIT_BYPASS_KEY
+    ? { rateLimitBypassKey: process.env.PDS_RATE_LIMIT_BYPASS_KEY } : {}),
 }
 const network = await TestNetworkNoAppView.create({ pds: pdsConfig, plc: { port: plcPort } })
 process.stdout.write(JSON.stringify({ ready: true, pds: network.pds.url, plc: network.plc.url }) + '\n')
