@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import orjson
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from bson import ObjectId
 from loguru import logger
 
@@ -43,7 +44,7 @@ from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .rollout import NOT_ENABLED
-from .store import Store, sub_hash
+from .store import Store, Written, sub_hash
 from .writer import RepoWriter
 
 LANE_DEADLINE = 60.0
@@ -56,12 +57,14 @@ class Outcome:
     counts: Counter[str] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
     users: set[str] = field(default_factory=set)
-    snapshot: str | None = None  # `docs_fingerprint` of the documents a reconcile read
+    # `docs_fingerprint` of each user's documents, as a reconcile read them
+    snapshots: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: Outcome) -> None:
         self.counts.update(other.counts)
         self.findings.extend(other.findings)
         self.users |= other.users
+        self.snapshots.update(other.snapshots)
 
 
 class Applier:
@@ -128,46 +131,78 @@ class Applier:
             if plan.user and plan.account
             and any(m.desired.state is State.ABSENT for m in plan.moods)
         }  # fmt: skip
-        for user in sorted(again | {u for u in unknown_deletes if accounts.get(u)}):
-            outcome.merge(await self.reconcile_user(user, fix=True))
-        for user in sorted(erased):  # after the sweeps: one user's erasure is one reconcile
-            outcome.merge(await self.reconcile_user(user, fix=True))
+        sweep = sorted(again | {u for u in unknown_deletes if accounts.get(u)})
+        if sweep:
+            outcome.merge(await self.reconcile_users(sweep, fix=True))
+        if erased:  # after the sweeps: one user's erasure is one reconcile
+            outcome.merge(await self.reconcile_users(sorted(erased), fix=True))
         return outcome
 
     async def reconcile_user(self, sub: str, *, fix: bool = True) -> Outcome:
         """Compare every mood of the user, the ledger and the full listing of the repo."""
-        docs: dict[ObjectId, dict[str, Any]] = {}
-        read = await self.store.moods_of_user(sub)
-        snapshot = docs_fingerprint(read)
-        ledger = await self.store.ledger_of_user(sub)
-        account = (await self.store.accounts([sub]))[sub]
-        if account is None:
-            if (credentials := await self._erased(sub, ledger)) is not None:
-                return await self._erase(sub, credentials, ledger, snapshot)
-            if await self.store.forgotten([sub]):
-                return Outcome(snapshot=snapshot)  # erased and forgotten: nothing to record
-        for d in read:
-            if isinstance(d["_id"], ObjectId):
-                docs[d["_id"]] = d
-            elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
-                await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
-        if account is None and not self.dry_run:
-            # Letters of moods gone for good (their delete event lost, say): what may still
-            # name a user with no account, erased where no event said so.
-            await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
-        ids = list(dict.fromkeys([*docs, *ledger]))
-        desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
-        remote = await self._listing(account) if account is not None else None
-        plan = plan_user(
-            sub, account, desired, ledger, tid.from_object_id,
-            remote=remote, whole_user=remote is not None, fix=fix,
-        )  # fmt: skip
-        outcome, _ = await self._execute([plan], ledger, sweeping=True)
-        if remote is not None:
-            outcome.counts["records_listed"] += len(remote)
-            outcome.counts["users_with_account"] += 1
-        outcome.snapshot = snapshot
+        return await self.reconcile_users([sub], fix=fix)
+
+    async def reconcile_users(self, subs: Sequence[str], *, fix: bool = True) -> Outcome:
+        """`reconcile_user` for several users at once (the backfill's groups, the recovery's,
+        the sweeps after a batch): their documents, ledger entries and accounts read in one
+        query each, their repos listed side by side, one intent write, one write-back and
+        one outcome write for all of them. `Outcome.snapshots` has what each user's moods
+        were when read (`docs_fingerprint`)."""
+        subs = list(dict.fromkeys(subs))
+        reads = await self.store.moods_of_users(subs)
+        ledgers = await self.store.ledger_of_users(subs)
+        accounts = await self.store.accounts(subs)
+        listings = await self._listings([a for a in accounts.values() if a is not None])
+        outcome = Outcome()
+        plans: list[UserPlan] = []
+        before: dict[ObjectId, LedgerEntry] = {}
+        for sub in subs:
+            read, ledger, account = reads.get(sub, []), ledgers.get(sub, {}), accounts.get(sub)
+            outcome.snapshots[sub] = docs_fingerprint(read)
+            if account is None:
+                if (credentials := await self._erased(sub, ledger)) is not None:
+                    outcome.merge(await self._erase(sub, credentials, ledger))
+                    continue
+                if await self.store.forgotten([sub]):
+                    continue  # erased and forgotten: nothing is recorded under them
+            docs: dict[ObjectId, dict[str, Any]] = {}
+            for d in read:
+                if isinstance(d["_id"], ObjectId):
+                    docs[d["_id"]] = d
+                elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
+                    await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
+            if account is None and not self.dry_run:
+                # Letters of moods gone for good (their delete event lost, say): what may
+                # still name a user with no account, erased where no event said so.
+                await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
+            ids = list(dict.fromkeys([*docs, *ledger]))
+            desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
+            remote = listings.get(account.did) if account is not None else None
+            plans.append(plan_user(
+                sub, account, desired, ledger, tid.from_object_id,
+                remote=remote, whole_user=remote is not None, fix=fix,
+            ))  # fmt: skip
+            before.update(ledger)
+            if remote is not None:
+                outcome.counts["records_listed"] += len(remote)
+                outcome.counts["users_with_account"] += 1
+        if plans:
+            done, _ = await self._execute(plans, before, sweeping=True)
+            outcome.merge(done)
         return outcome
+
+    async def _listings(self, accounts: Sequence[Account]) -> dict[str, list[RemoteRecord] | None]:
+        """Each account's listing (`_listing`), side by side, as many at once as lanes."""
+        found: dict[str, list[RemoteRecord] | None] = {}
+
+        async def one(account: Account) -> None:
+            async with self._limiter:
+                found[account.did] = await self._listing(account)
+
+        async with anyio.create_task_group() as tg:
+            for account in accounts:
+                tg.start_soon(one, account)
+        return found
 
     async def _listing(self, account: Account) -> list[RemoteRecord] | None:
         """Every record of the account's collection: the truth a reconcile plans against.
@@ -245,13 +280,12 @@ class Applier:
         sub: str,
         credentials: Mapping[str, str | None],
         ledger: dict[ObjectId, LedgerEntry],
-        snapshot: str,
     ) -> Outcome:
         """Delete every record of an erased user, in each repo of theirs, with the last
         credentials that still work; forget them once the PDS confirmed it: each repo listed
         and every record in it deleted, or the repo gone. Otherwise nothing is marked done:
         what is left stays in the ledger (and the user parked, when no credential works)."""
-        outcome = Outcome(snapshot=snapshot)
+        outcome = Outcome()
         outcome.users.add(sub)
         if not self.dry_run and credentials:
             await self.store.begin_erasure(sub, credentials.keys())
@@ -346,7 +380,7 @@ class Applier:
             metrics.observe_apply(outcome, time.monotonic() - started)
             return outcome, set()
         generation = self.store.fence.generation
-        live = await self._salted(live, before)
+        live = await self._salted(live, before, whole=sweeping)
         blocked = await self._blocked(live)
         sending = [p for p in live if p.writes and p.account and p.account.did not in blocked]
         pending = intents_for([m for p in sending for m in p.moods], before, generation)
@@ -355,67 +389,64 @@ class Applier:
         )
         if pending:
             crashpoints.hit("intent")
-        results: dict[int, LaneResult] = {}
+        record = _Record(generation, before, pending, blocked, written, sweeping)
+        done, send = _lanes_done(len(sending))
 
         async def lane(plan: UserPlan) -> None:
             async with self._limiter:
-                results[id(plan)] = await self._lane(plan, sweeping=sweeping)
+                result = await self._lane(plan, sweeping=sweeping)
+            await send.send((plan, result))
 
+        async def lanes() -> None:
+            async with send, anyio.create_task_group() as inner:
+                for plan in sending:
+                    inner.start_soon(lane, plan)
+
+        # What the PDS took is recorded while other lanes still wait on it: a chunk of moods
+        # at a time, as their lanes finish (the MongoDB writes overlap the PDS's).
+        ready: list[tuple[UserPlan, LaneResult | None]] = [
+            (p, None) for p in live if not any(p is q for q in sending)
+        ]
         async with anyio.create_task_group() as tg:
-            for plan in sending:
-                tg.start_soon(lane, plan)
+            tg.start_soon(lanes)
+            async for item in done:
+                ready.append(item)
+                if sum(len(p.moods) for p, _ in ready) >= FLUSH_MOODS:
+                    await self._flush(record, ready, outcome)
+                    ready = []
+            await self._flush(record, ready, outcome)
+        outcome.counts["parked"] += len(record.parked)
+        await self._report(live, before, record.entries, record.parked, record.failed, outcome)
+        metrics.observe_apply(outcome, time.monotonic() - started)
+        return outcome, record.again
 
-        now = self._clock()
+    async def _flush(
+        self,
+        record: _Record,
+        ready: Sequence[tuple[UserPlan, LaneResult | None]],
+        outcome: Outcome,
+    ) -> None:
+        """The outcome of these users' writes into the ledger, their rkeys written back first:
+        until then a crash leaves them pending, and a pending intent is finished by whoever
+        comes next (a replay, or the retry of stale intents when the work came after the
+        checkpoint). Settled first, an entry would say "done" for a document still without
+        its permalink."""
         entries: list[LedgerEntry] = []
         writebacks: dict[ObjectId, str] = {}
-        parked: list[tuple[UserPlan, ObjectId, str]] = []
-        again: set[str] = set()
-        for plan in live:
-            result = results.get(id(plan))
-            failure = result.failure if result is not None else None
-            if failure is not None:
-                if failure.kind == "swap" and plan.user and not sweeping:
-                    again.add(plan.user)
-                logger.bind(did=plan.account.did if plan.account else None).warning(
-                    "a user's writes stopped: {}", failure.reason
-                )
-            done = []
-            for mood in plan.moods:
-                prior = before.get(mood.mood_id)
-                reason: str | None = None
-                if not mood.writes:
-                    entry = replace(mood.entry, generation=generation)
-                elif result is None:  # the account is parked: nothing was sent
-                    assert plan.account is not None
-                    reason = blocked[plan.account.did]
-                    entry = parked_without_sending(mood, prior, reason, now + 3600, generation)
-                else:
-                    entry, reason = settle(
-                        mood, pending[mood.mood_id], result, generation=generation, now=now
-                    )
-                if changed(prior, entry) or mood.writes:
-                    entries.append(entry)
-                if reason is not None:
-                    parked.append((plan, mood.mood_id, reason))
-                    continue
-                if mood.writeback:
-                    writebacks[mood.mood_id] = mood.writeback
-                done.append(mood)
-            _count(outcome, replace(plan, moods=done), applied=True)
-        outcome.counts["parked"] += len(parked)
-        # The rkeys are written back before the intents settle: until then a crash leaves them
-        # pending, and a pending intent is finished by whoever comes next (a replay, or the
-        # retry of stale intents when the work came after the checkpoint). Settled first, an
-        # entry would say "done" for a document still without its permalink.
-        failed = await self.store.write_back_many(writebacks)
+        now = self._clock()
+        for plan, result in ready:
+            got, backs = record.outcome_of(plan, result, now, outcome)
+            entries += got
+            writebacks |= backs
+        if not entries and not writebacks:
+            return
+        record.failed |= await self.store.write_back_many(writebacks)
         if writebacks:
             crashpoints.hit("write_back")
-        await self.store.save_entries(entries, since=written)
-        if pending:
+        await self.store.save_entries(entries, since=record.written)
+        if record.pending:
             crashpoints.hit("ledger")
-        await self._report(live, before, entries, parked, failed, outcome)
-        metrics.observe_apply(outcome, time.monotonic() - started)
-        return outcome, again
+        record.entries += entries
 
     async def _blocked(self, plans: list[UserPlan]) -> dict[str, str]:
         """Accounts with writes to send that cannot be written now (did → reason)."""
@@ -428,11 +459,17 @@ class Applier:
         return blocked
 
     async def _salted(
-        self, plans: list[UserPlan], ledger: Mapping[ObjectId, LedgerEntry]
+        self, plans: list[UserPlan], ledger: Mapping[ObjectId, LedgerEntry], *, whole: bool
     ) -> list[UserPlan]:
         """Derived TIDs already used by another mood's record get the next salt. The rkeys of
-        every plan are looked up together: one query a batch (one more a salt tried)."""
+        every plan are looked up together: one query a batch (one more a salt tried). With
+        `whole` the ledger holds every entry of these users (a reconcile read them all):
+        what it does not name in their repos has no owner, and nothing is looked up."""
         owners: dict[str, dict[str, ObjectId | None]] = {}  # did → rkey → owner
+        if whole:
+            for entry in ledger.values():
+                if entry.did is not None and entry.rkey is not None:
+                    owners.setdefault(entry.did, {})[entry.rkey] = entry.mood_id
         out = list(plans)
         while True:
             unknown: set[tuple[str, str]] = set()
@@ -444,7 +481,7 @@ class Applier:
                 unknown |= {(plan.account.did, rkey) for rkey in missing}
             if not unknown:
                 break
-            found = await self.store.rkey_owners(unknown)
+            found = {} if whole else await self.store.rkey_owners(unknown)
             for did, rkey in unknown:
                 owners[did][rkey] = found.get((did, rkey))
         for plan, salted in zip(plans, out, strict=True):
@@ -592,6 +629,71 @@ class Applier:
 
 
 ERASED = "user erased"
+FLUSH_MOODS = 100  # the outcomes of this many moods are recorded together, as lanes finish
+
+LaneDone = tuple[UserPlan, LaneResult]
+
+
+def _lanes_done(
+    lanes: int,
+) -> tuple[MemoryObjectReceiveStream[LaneDone], MemoryObjectSendStream[LaneDone]]:
+    send, receive = anyio.create_memory_object_stream[LaneDone](max(1, lanes))
+    return receive, send
+
+
+@dataclass
+class _Record:
+    """One `_execute`'s outcomes, recorded chunk by chunk as its lanes finish."""
+
+    generation: int | None
+    before: Mapping[ObjectId, LedgerEntry]
+    pending: Mapping[ObjectId, LedgerEntry]
+    blocked: Mapping[str, str]
+    written: Written
+    sweeping: bool
+    entries: list[LedgerEntry] = field(default_factory=list)
+    parked: list[tuple[UserPlan, ObjectId, str]] = field(default_factory=list)
+    failed: dict[ObjectId, str] = field(default_factory=dict)
+    again: set[str] = field(default_factory=set)
+
+    def outcome_of(
+        self, plan: UserPlan, result: LaneResult | None, now: float, outcome: Outcome
+    ) -> tuple[list[LedgerEntry], dict[ObjectId, str]]:
+        """The entries to store for one user's plan and the rkeys to write back; the moods
+        parked and the users to reconcile again are noted; the outcome counted."""
+        failure = result.failure if result is not None else None
+        if failure is not None:
+            if failure.kind == "swap" and plan.user and not self.sweeping:
+                self.again.add(plan.user)
+            logger.bind(did=plan.account.did if plan.account else None).warning(
+                "a user's writes stopped: {}", failure.reason
+            )
+        entries: list[LedgerEntry] = []
+        writebacks: dict[ObjectId, str] = {}
+        done = []
+        for mood in plan.moods:
+            prior = self.before.get(mood.mood_id)
+            reason: str | None = None
+            if not mood.writes:
+                entry = replace(mood.entry, generation=self.generation)
+            elif result is None:  # the account is parked: nothing was sent
+                assert plan.account is not None
+                reason = self.blocked[plan.account.did]
+                entry = parked_without_sending(mood, prior, reason, now + 3600, self.generation)
+            else:
+                entry, reason = settle(
+                    mood, self.pending[mood.mood_id], result, generation=self.generation, now=now
+                )
+            if changed(prior, entry) or mood.writes:
+                entries.append(entry)
+            if reason is not None:
+                self.parked.append((plan, mood.mood_id, reason))
+                continue
+            if mood.writeback:
+                writebacks[mood.mood_id] = mood.writeback
+            done.append(mood)
+        _count(outcome, replace(plan, moods=done), applied=True)
+        return entries, writebacks
 
 
 def _as_erasure(plan: UserPlan) -> UserPlan:
@@ -626,8 +728,12 @@ def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
     outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
 
 
+FINGERPRINTED = ("mood", "when", "deleted")
+
+
 def docs_fingerprint(docs: Sequence[Mapping[str, Any]]) -> str:
-    """What a concurrent writer could change in a user's moods (our own write-back aside)."""
+    """What a concurrent writer could change in a user's moods (our own write-back aside):
+    `FINGERPRINTED` and the `_id`s."""
     items = [
         (str(d["_id"]), repr(d.get("mood")), repr(d.get("when")), repr(d.get("deleted")))
         for d in docs

@@ -103,7 +103,7 @@ async def audit(
     before = report.summary()
     repairs: Counter[str] = Counter()
     for sub in report.diverged_users:
-        outcome = await reconcile_until_stable(live, sub, fix=True)
+        outcome = await reconcile_until_stable(live, [sub], fix=True)
         for key in ("put", "delete", "delete_orphan", "adopted", "parked"):
             repairs[key] += outcome.counts[key]
     metrics.observe_repairs(repairs)

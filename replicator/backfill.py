@@ -2,9 +2,10 @@
 
 It is the stream's apply path with the PDS listing as the truth (`Applier.reconcile_user`), so
 it adopts what the old inline writer made (by `ref` or legacy `mongoId`), keeps permalinks,
-and finds duplicates and orphans. A user is the unit of work and of resumption: finished users
-are recorded in Mongo, so a rerun after Ctrl-C or kill -9 skips them, and re-applying a user
-that was cut short is harmless (idempotent writes, fixed rkeys).
+and finds duplicates and orphans. Users go in groups (one read and one write of each kind a
+group), and finished users are recorded in Mongo (as `sha256(sub)`), so a rerun after Ctrl-C
+or kill -9 skips them, and re-applying a user that was cut short is harmless (idempotent
+writes, fixed rkeys).
 
 Running next to `replicator run` is safe: a user's documents are fingerprinted before and after
 its reconcile, and a user whose moods changed meanwhile is reconciled again until it is stable,
@@ -24,11 +25,12 @@ from typing import Any
 import anyio
 import orjson
 
-from .apply import Applier, Outcome, docs_fingerprint
+from .apply import FINGERPRINTED, Applier, Outcome, docs_fingerprint
 from .desired import valid_user
 from .store import Store, sub_hash
 
 MAX_PASSES = 5
+GROUPS_IN_FLIGHT = 2
 RUN_ID = "backfill"
 
 
@@ -115,18 +117,21 @@ async def users_in_scope(
     return users
 
 
-async def fingerprint(store: Store, sub: str) -> str:
-    return docs_fingerprint(await store.moods_of_user(sub))
-
-
-async def reconcile_until_stable(applier: Applier, sub: str, *, fix: bool) -> Outcome:
-    """Reconcile, then check that the user's moods are still what the reconcile read; if a
-    concurrent change slipped in between, go again (a stale write never outlives its read)."""
+async def reconcile_until_stable(applier: Applier, subs: Sequence[str], *, fix: bool) -> Outcome:
+    """Reconcile, then check that the users' moods are still what the reconcile read; those
+    whose moods a concurrent change touched in between are reconciled again (a stale write
+    never outlives its read). A user reconciled again is counted again."""
     outcome = Outcome()
+    todo = list(subs)
     for _ in range(MAX_PASSES):
-        outcome = await applier.reconcile_user(sub, fix=fix)
-        if applier.dry_run or await fingerprint(applier.store, sub) == outcome.snapshot:
-            return outcome
+        done = await applier.reconcile_users(todo, fix=fix)
+        outcome.merge(done)
+        if applier.dry_run:
+            break
+        now = await applier.store.moods_of_users(todo, FINGERPRINTED)
+        todo = [s for s in todo if docs_fingerprint(now.get(s, [])) != done.snapshots.get(s)]
+        if not todo:
+            break
     return outcome
 
 
@@ -174,18 +179,23 @@ class Backfill:
         report = Report(users=len(todo), skipped_users_done_before=len(users) - len(todo),
                         dry_run=self.applier.dry_run)  # fmt: skip
         progress = Progress(total_users=len(todo))
-        limiter = anyio.CapacityLimiter(max(1, self.concurrency))
+        # Users go in groups of `concurrency` (one read of each kind, one write of each kind
+        # a group: `Applier.reconcile_users`), two groups at a time, so that one group's
+        # MongoDB work overlaps the other's PDS calls.
+        size = max(1, self.concurrency)
+        groups = [todo[i : i + size] for i in range(0, len(todo), size)]
+        limiter = anyio.CapacityLimiter(GROUPS_IN_FLIGHT)
         stop_scheduling = anyio.Event()
 
-        async def one(sub: str) -> None:
+        async def one(group: list[str]) -> None:
             async with limiter:
                 if stop_scheduling.is_set():
                     return
-                outcome = await reconcile_until_stable(self.applier, sub, fix=self.fix)
+                outcome = await reconcile_until_stable(self.applier, group, fix=self.fix)
                 report.outcome.merge(outcome)
                 if not self.applier.dry_run:
-                    await self.store.user_done(run_id, sub)
-                progress.done_users += 1
+                    await self.store.user_done(run_id, group)
+                progress.done_users += len(group)
                 progress.moods += outcome.counts["moods"]
                 progress.counts.update(outcome.counts)
                 if self.on_progress:
@@ -194,10 +204,10 @@ class Backfill:
                     stop_scheduling.set()
 
         async with anyio.create_task_group() as tg:
-            for sub in todo:
+            for group in groups:
                 if stop_scheduling.is_set():
                     break
-                tg.start_soon(one, sub)
+                tg.start_soon(one, group)
         report.users = progress.done_users
         report.interrupted = stop_scheduling.is_set() and progress.done_users < len(todo)
         if not self.applier.dry_run and not report.interrupted:

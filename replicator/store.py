@@ -381,7 +381,20 @@ class Store:
         return {d["_id"]: d for d in await self._find_in(self.moods, "_id", list(ids))}
 
     async def moods_of_user(self, sub: str) -> list[Doc]:
-        return [d async for d in self.moods.find({"user": sub}).sort("_id", 1)]
+        return (await self.moods_of_users([sub])).get(sub, [])
+
+    async def moods_of_users(
+        self, subs: Sequence[str], fields: Sequence[str] | None = None
+    ) -> dict[str, list[Doc]]:
+        """Each user's moods, in `_id` order (the `moods.user` index serves it); `fields`:
+        only those (and `_id`, `user`)."""
+        found: dict[str, list[Doc]] = {}
+        projection = dict.fromkeys([*fields, "user"], 1) if fields is not None else None
+        for doc in await self._find_in(self.moods, "user", list(subs), projection):
+            found.setdefault(str(doc.get("user")), []).append(doc)
+        for docs in found.values():
+            docs.sort(key=lambda d: _id_order(d["_id"]))
+        return found
 
     async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
         wanted = sorted(set(subs))
@@ -448,8 +461,14 @@ class Store:
         return {(e := entry_from_doc(d)).mood_id: e for d in docs}
 
     async def ledger_of_user(self, sub: str) -> dict[ObjectId, LedgerEntry]:
-        cursor = self.ledger.find({"user": sub})
-        return {(e := entry_from_doc(d)).mood_id: e async for d in cursor}
+        return (await self.ledger_of_users([sub])).get(sub, {})
+
+    async def ledger_of_users(self, subs: Sequence[str]) -> dict[str, dict[ObjectId, LedgerEntry]]:
+        found: dict[str, dict[ObjectId, LedgerEntry]] = {}
+        for doc in await self._find_in(self.ledger, "user", list(subs)):
+            entry = entry_from_doc(doc)
+            found.setdefault(str(entry.user), {})[entry.mood_id] = entry
+        return found
 
     async def rkey_owners(
         self, where: Collection[tuple[str, str]]
@@ -676,10 +695,14 @@ class Store:
         (an erased user's is kept, and that must not be their sub)."""
         return {str(d["_id"]) async for d in self.runs.find({"run": run}, {"_id": 1})}
 
-    async def user_done(self, run: str, sub: str) -> None:
-        await self.runs.update_one(
-            {"_id": sub_hash(sub)}, {"$set": {"run": run, "done_at": time.time()}}, upsert=True
-        )
+    async def user_done(self, run: str, subs: Sequence[str]) -> None:
+        """These users are done in the run (one write for a group)."""
+        now = time.time()
+        await self.runs.bulk_write(
+            [UpdateOne({"_id": sub_hash(s)}, {"$set": {"run": run, "done_at": now}}, upsert=True)
+             for s in subs],
+            ordered=False,
+        )  # fmt: skip
 
     # -- parked accounts (accounts.AccountStore) -------------------------------------------------
 
@@ -841,6 +864,20 @@ def _rkey_pipeline(rkeys: Mapping[ObjectId, str]) -> list[Doc]:
     rkey = {"$getField": {"field": {"$toString": "$_id"}, "input": {"$literal": by_id}}}
     kept = {"$cond": [{"$eq": [{"$type": "$atproto"}, "object"]}, "$atproto", {}]}
     return [{"$set": {"atproto": {"$mergeObjects": [kept, {"rkey": rkey}]}}}]
+
+
+def _id_order(value: Any) -> tuple[int, float, str]:
+    """`_id`s as MongoDB sorts the kinds moods have: numbers, strings, ObjectIds (others
+    after, by their repr)."""
+    if isinstance(value, bool):
+        return (4, 0.0, repr(value))
+    if isinstance(value, int | float):
+        return (0, float(value), "")
+    if isinstance(value, str):
+        return (1, 0.0, value)
+    if isinstance(value, ObjectId):
+        return (2, 0.0, str(value))
+    return (4, 0.0, repr(value))
 
 
 def letter_key(mood_id: Any) -> str:

@@ -574,15 +574,20 @@ class Ctx:
         profile: bool = False,
         probe: bool = False,
         stdout_path: Path | None = None,
+        null_pds: bool = False,
     ) -> ReplicatorProcess:
         """`replicator <args>` on the scenario's database; `probe`: its PDS calls recorded
-        (`<scenario>-calls.jsonl`), for the scenario's commit shape."""
+        (`<scenario>-calls.jsonl`), for the scenario's commit shape; `null_pds`: every PDS
+        call answered at once, in the process (the MongoDB ceiling of the same work)."""
         profile_to = None
         if profile and self.profile_dir is not None:
             profile_to = self.profile_dir / f"{scenario}-replicator.pyisession"
         probe_to = self.work_dir / f"{scenario}-calls.jsonl" if probe else None
+        env = self.env(db_name)
+        if null_pds:
+            env["BENCH_NULL_PDS"] = "1"  # replicator.bench.probe's NULL_PDS_ENV
         return ReplicatorProcess(
-            self.env(db_name), self.work_dir / f"{scenario}-replicator.log", args=args,
+            env, self.work_dir / f"{scenario}-replicator.log", args=args,
             profile_to=profile_to, stdout_path=stdout_path, probe_to=probe_to,
         )  # fmt: skip
 

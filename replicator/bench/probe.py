@@ -8,6 +8,10 @@ records the call changes (the length of `applyWrites`'s `writes`, 1 for `putReco
 system-wide CLOCK_MONOTONIC, comparable with the bench's own clock. One unbuffered write per
 call, a few microseconds next to an HTTP round trip; nothing else of the replicator changes.
 
+With `BENCH_NULL_PDS=1` the process has no PDS at all: every call is answered at once, as
+the reference PDS would (a write with its records' CIDs, a listing with no record): the same
+command's MongoDB work, with nothing else to wait for, for the bench's MongoDB ceilings.
+
 Imports only what the command imports anyway (the `replicator.bench` package imports nothing).
 """
 
@@ -20,6 +24,31 @@ from typing import Any
 import orjson
 
 ENV = "BENCH_PROBE_FILE"
+NULL_PDS_ENV = "BENCH_NULL_PDS"
+
+
+def install_null_pds() -> None:
+    from replicator.desired import record_cid
+    from replicator.pds import Pds
+
+    async def xrpc(self: Pds, nsid: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body") or {}
+        name = nsid.rsplit(".", 1)[-1]
+        if name in ("createSession", "refreshSession"):
+            return {"accessJwt": "null", "refreshJwt": "null", "did": body.get("identifier")}
+        if name == "listRecords":
+            return {"records": []}
+        if name == "getRepoStatus":
+            return {"active": True}
+        if name == "applyWrites":
+            results = [{"cid": record_cid(w["value"])} if "value" in w else {}
+                       for w in body.get("writes") or ()]  # fmt: skip
+            return {"results": results}
+        if name == "putRecord":
+            return {"cid": record_cid(body["record"])}
+        return {}
+
+    Pds.xrpc = xrpc  # type: ignore[method-assign]
 
 
 def install(path: str) -> None:
@@ -49,6 +78,8 @@ def install(path: str) -> None:
 
 
 def main() -> None:
+    if os.environ.get(NULL_PDS_ENV):
+        install_null_pds()
     path = os.environ.get(ENV)
     if path:
         install(path)

@@ -165,6 +165,10 @@ async def run_bench(
             "burst": ("c_burst", "(c) burst", lambda: scenarios.burst(ctx)),
             "burst_shape": ("a_burst_shape", "(a) PDS at the burst's commit shape",
                             at_shape("burst")),
+            "burst_mongo": ("m_burst", "(m) MongoDB ceiling: the burst with a null PDS",
+                            lambda: scenarios.burst(ctx, null_pds=True)),
+            "backfill_mongo": ("m_backfill", "(m) MongoDB ceiling: the backfill with a null PDS",
+                               lambda: scenarios.backfill(ctx, null_pds=True)),
             "purge": ("c_purge", "(c) purge", lambda: scenarios.purge(ctx)),
             "lag": ("c_lag", "(c) lag", lambda: scenarios.lag(ctx)),
             "backlog": ("c_backlog", "(c) backlog / peak RSS", lambda: scenarios.backlog(ctx)),
@@ -173,8 +177,9 @@ async def run_bench(
         for name in only:
             if name in c_steps:
                 steps.append(c_steps[name])
-            if f"{name}_shape" in c_steps:
-                steps.append(c_steps[f"{name}_shape"])
+            for also in ("shape", "mongo"):
+                if f"{name}_{also}" in c_steps:
+                    steps.append(c_steps[f"{name}_{also}"])
         for key, label, step in steps:
             say(f"{label}...")
             t = time.monotonic()

@@ -86,9 +86,21 @@ class FakeStore:
         return {d["_id"]: d for d in docs}
 
     async def moods_of_user(self, sub: str) -> list[Doc]:
-        return await self._io(
-            "moods_of_user", lambda: self.state.find(self._moods, lambda d: d.get("user") == sub)
-        )
+        return (await self.moods_of_users([sub])).get(sub, [])
+
+    async def moods_of_users(
+        self, subs: Sequence[str], fields: Sequence[str] | None = None
+    ) -> dict[str, list[Doc]]:
+        """`fields` is how much MongoDB sends, not what the fingerprint reads: ignored."""
+        wanted = set(subs)
+
+        def op() -> dict[str, list[Doc]]:
+            found: dict[str, list[Doc]] = {}
+            for doc in self.state.find(self._moods, lambda d: d.get("user") in wanted):
+                found.setdefault(str(doc["user"]), []).append(doc)
+            return found
+
+        return await self._io("moods_of_user", op)
 
     async def accounts(self, subs: Iterable[str]) -> dict[str, Account | None]:
         wanted = sorted(set(subs))
@@ -158,10 +170,18 @@ class FakeStore:
         return {(e := entry_from_doc(d)).mood_id: e for d in docs}
 
     async def ledger_of_user(self, sub: str) -> dict[ObjectId, LedgerEntry]:
+        return (await self.ledger_of_users([sub])).get(sub, {})
+
+    async def ledger_of_users(self, subs: Sequence[str]) -> dict[str, dict[ObjectId, LedgerEntry]]:
+        wanted = set(subs)
         docs = await self._io(
-            "ledger_of_user", lambda: self._ledger_docs(lambda d: d.get("user") == sub)
+            "ledger_of_user", lambda: self._ledger_docs(lambda d: d.get("user") in wanted)
         )
-        return {(e := entry_from_doc(d)).mood_id: e for d in docs}
+        found: dict[str, dict[ObjectId, LedgerEntry]] = {}
+        for d in docs:
+            entry = entry_from_doc(d)
+            found.setdefault(str(entry.user), {})[entry.mood_id] = entry
+        return found
 
     async def rkey_owners(
         self, where: Collection[tuple[str, str]]
@@ -362,10 +382,15 @@ class FakeStore:
 
         return await self._io("users_done", op)
 
-    async def user_done(self, run: str, sub: str) -> None:
+    async def user_done(self, run: str, subs: Sequence[str]) -> None:
         values = {"run": run, "done_at": self._now()}
-        await self._io("user_done", lambda: self.state.update(
-            self._runs, sub_hash(sub), lambda d: d.update(values), upsert=True))  # fmt: skip
+
+        def op() -> None:
+            for sub in subs:
+                self.state.update(self._runs, sub_hash(sub), lambda d: d.update(values),
+                                  upsert=True)  # fmt: skip
+
+        await self._io("user_done", op)
 
     # -- parked accounts ---------------------------------------------------------------------
 
