@@ -30,7 +30,7 @@ from .desired import valid_user
 from .store import Store, sub_hash
 
 MAX_PASSES = 5
-GROUPS_IN_FLIGHT = 2
+GROUPS_IN_FLIGHT = 4
 RUN_ID = "backfill"
 
 
@@ -180,7 +180,7 @@ class Backfill:
                         dry_run=self.applier.dry_run)  # fmt: skip
         progress = Progress(total_users=len(todo))
         # Users go in groups of `concurrency` (one read of each kind, one write of each kind
-        # a group: `Applier.reconcile_users`), two groups at a time, so that one group's
+        # a group: `Applier.reconcile_users`), a few groups at a time, so that one group's
         # MongoDB work overlaps the other's PDS calls.
         size = max(1, self.concurrency)
         groups = [todo[i : i + size] for i in range(0, len(todo), size)]
