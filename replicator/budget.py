@@ -59,6 +59,11 @@ class Budgets:
         if reset_at is not None:
             self._by_repo[repo] = Budget(left, reset_at)
 
+    def remaining(self, repo: str) -> float | None:
+        """The points the PDS last said the account has left (None: it said nothing)."""
+        budget = self._by_repo.get(repo)
+        return budget.remaining if budget is not None else None
+
     def forget(self, repo: str) -> None:
         self._by_repo.pop(repo, None)
 

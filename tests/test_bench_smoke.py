@@ -19,7 +19,8 @@ from replicator.devstack.stack import LocalStack
 RATIOS = {
     "burst/a_single", "burst/a_burst_shape", "purge/a_apply_writes",
     "backfill/a_apply_writes", "backfill/a_backfill_shape",
-    "burst/b_old", "purge/b_old", "backfill/b_old",
+    "burst/b_old", "purge/b_old", "backfill/b_old", "backfill/m_backfill",
+    "backfill/lower_ceiling",
 }  # fmt: skip
 
 
@@ -122,3 +123,33 @@ def test_bench_burst_measures_its_shape_and_the_pds_at_it(
     )
     measures = [row["measure"] for row in report["table"]]
     assert measures[0].startswith("PDS at the burst's shape") and measures[1].startswith("burst")
+
+
+@pytest.mark.integration
+def test_bench_backfill_measures_its_mongodb_ceiling(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backfill again with a null PDS (its MongoDB work alone), and the ratio against the
+    lower of that and the PDS at the backfill's shape."""
+    assert stack.mongodb_uri is not None and stack.pds_url is not None
+    monkeypatch.setenv("REPLICATOR_STATE_DIR", str(tmp_path / "state"))
+    if stack.pds_admin_password:
+        monkeypatch.setenv("PDS_ADMIN_PASSWORD", stack.pds_admin_password)
+    if stack.plc_url:
+        monkeypatch.setenv("REPLICATOR_PLC_URL", stack.plc_url)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main,
+        ["bench", "--quick", "--only", "backfill", "--moods", "40", "--users", "4",
+         "--seconds", "1", "--mongodb-uri", stack.mongodb_uri, "--pds-url", stack.pds_url,
+         "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    real, ceiling = report["results"]["c_backfill"], report["results"]["m_backfill"]
+    assert real["written"] == ceiling["written"] == 40
+    assert ceiling["firehose_commits"] == 0  # nothing reached the PDS: answered in-process
+    assert ceiling["commits"] == real["commits"]  # the same commands
+    lower = min(ceiling["records_per_s"], report["results"]["a_backfill_shape"]["records_per_s"])
+    assert report["ratios"]["backfill/lower_ceiling"] == round(real["records_per_s"] / lower, 2)
+    assert "MongoDB ceiling: the backfill" in [r["measure"] for r in report["table"]][1]

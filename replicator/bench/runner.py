@@ -165,8 +165,6 @@ async def run_bench(
             "burst": ("c_burst", "(c) burst", lambda: scenarios.burst(ctx)),
             "burst_shape": ("a_burst_shape", "(a) PDS at the burst's commit shape",
                             at_shape("burst")),
-            "burst_mongo": ("m_burst", "(m) MongoDB ceiling: the burst with a null PDS",
-                            lambda: scenarios.burst(ctx, null_pds=True)),
             "backfill_mongo": ("m_backfill", "(m) MongoDB ceiling: the backfill with a null PDS",
                                lambda: scenarios.backfill(ctx, null_pds=True)),
             "purge": ("c_purge", "(c) purge", lambda: scenarios.purge(ctx)),

@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -119,21 +119,17 @@ async def _present(store: Store) -> int:
 # -- burst ------------------------------------------------------------------------------------
 
 
-async def burst(ctx: Ctx, *, null_pds: bool = False) -> dict[str, Any]:
-    """`null_pds`: the same, with every PDS call answered at once in the replicator's process
-    (its MongoDB ceiling); a mood counts as mirrored when its ledger entry says `present`."""
+async def burst(ctx: Ctx) -> dict[str, Any]:
     n = ctx.sizes.burst
-    name = "burst-null-pds" if null_pds else "burst"
-    store = await prepare_db(ctx.client, ctx.db(name), ctx.users)
+    store = await prepare_db(ctx.client, ctx.db("burst"), ctx.users)
     docs = mood_docs(ctx.users, n, label="burst")
     want = set(rkeys_of(d["_id"] for d in docs))
     firehose = Firehose(ctx.pds_url)
-    profiling = ctx.profile_dir is not None and not null_pds
+    profiling = ctx.profile_dir is not None
     async with anyio.create_task_group() as tg:
-        if not null_pds:
-            await tg.start(firehose.run)
-        proc = await ctx.replicator(store.db.name, name, profile=profiling, probe=True,
-                                    null_pds=null_pds).start()  # fmt: skip
+        await tg.start(firehose.run)
+        proc = await ctx.replicator(store.db.name, "burst", profile=profiling,
+                                    probe=True).start()  # fmt: skip
         spy = await _spy_on_mongo(ctx, "burst") if profiling else None
         try:
             await wait_stream_open(store, proc)
@@ -145,19 +141,14 @@ async def burst(ctx: Ctx, *, null_pds: bool = False) -> dict[str, Any]:
             insert_s = await insert_docs(store, docs)
             ctx.say(f"    {n:,} moods inserted in {insert_s:.1f}s")
             try:
-                if null_pds:
-                    await wait_ledger(ctx, store, [d["_id"] for d in docs], alive=proc.alive)
-                    seen = [time.monotonic()] * n
-                else:
-                    await wait_progress(ctx, "burst records on the PDS",
-                                        lambda: sum(1 for k in want if k in firehose.created),
-                                        n, every=0.2, alive=proc.alive)  # fmt: skip
+                await wait_progress(ctx, "burst records on the PDS",
+                                    lambda: sum(1 for k in want if k in firehose.created), n,
+                                    every=0.2, alive=proc.alive)  # fmt: skip
             except (TimeoutError, RuntimeError) as exc:
                 stalled: Exception | None = exc
             else:
                 stalled = None
-            if not null_pds:
-                seen = [firehose.created[k] for k in want if k in firehose.created]
+            seen = [firehose.created[k] for k in want if k in firehose.created]
             t_last = max(seen, default=time.monotonic())
             cpu = CpuMeter.between(cpu0, meter.snapshot())
             commits, ops = firehose.commits, firehose.ops
@@ -316,26 +307,6 @@ async def backfill(ctx: Ctx, *, null_pds: bool = False) -> dict[str, Any]:
         **_commits(firehose.commits, firehose.ops, summarize(proc.calls())),
         "cpu": cpu,
     }
-
-
-async def wait_ledger(
-    ctx: Ctx, store: Store, ids: Sequence[ObjectId], *, alive: Callable[[], bool]
-) -> None:
-    """Until the ledger says `present` for every one of `ids` (the null PDS's "on the PDS").
-    The stream applies batches in order: the last moods inserted are looked at (a cheap
-    query), then all of them are counted once."""
-    last = [str(i) for i in ids[-20:]]
-
-    async def tail_done() -> int:
-        query = {"_id": {"$in": last}, "state": "present"}
-        return 1 if await store.ledger.count_documents(query) == len(last) else 0
-
-    await wait_progress(ctx, "burst moods present in the ledger", tail_done, 1, every=0.05,
-                        alive=alive)  # fmt: skip
-    wanted = {"_id": {"$in": [str(i) for i in ids]}, "state": "present"}
-    await wait_progress(ctx, "burst moods present in the ledger",
-                        lambda: store.ledger.count_documents(wanted), len(ids), every=0.05,
-                        alive=alive)  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
