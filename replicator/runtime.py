@@ -61,12 +61,15 @@ async def open_runtime(
     http: httpx.AsyncClient | None = None,
     lease: bool = False,
     require_pds: bool = False,
+    require_moods: bool = False,
 ) -> AsyncIterator[Runtime]:
     """`http` replaces the PDS connection pool (fault-injection tests wrap its transport).
     `lease`: this process will hold the lease (`replicator run`) and fences every write with
     it; otherwise writes carry the lease generation current when the runtime opens.
     `require_pds`: a command fails at once (`Unavailable`) on a PDS that does not answer,
-    rather than after retrying every user's calls (the sidecar waits for it instead)."""
+    rather than after retrying every user's calls (the sidecar waits for it instead).
+    `require_moods`: a database without the `moods` collection is a usage error
+    (`ConfigError`), before anything is created in it (commands.common.require_moods)."""
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
@@ -78,6 +81,8 @@ async def open_runtime(
             store = Store(client, settings.db_name, settings.names)
             if settings.dry_run:
                 store.checkpoint_name += ":dry-run"
+            if require_moods:
+                await store.require_moods()
             await store.ensure_indexes(create_app_indexes=settings.create_indexes)
             if require_pds and (error := await pds.unreachable()) is not None:
                 raise Unavailable(f"PDS {redact_uri(settings.pds_url)}: {error}: check PDS_URL, "

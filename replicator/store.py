@@ -659,6 +659,38 @@ class Store:
             {"_id": self._checkpoint_id()}, {"$unset": dict.fromkeys(names, "")}
         )
 
+    async def require_moods(self, *, empty_ok: bool = False) -> None:
+        """`ConfigError` (a usage error: exit 2, nothing created) unless the database has the
+        `moods` collection, or `empty_ok` says one without it is meant: a wrong MONGODB_NAME
+        would otherwise read as an empty, healthy deployment. Names the databases of the
+        server that have one."""
+        if empty_ok or await self.moods_exists():
+            return
+        moods = self.names.moods
+        elsewhere = await self._databases_with(moods)
+        hint = (f"; databases here with a {moods!r} collection: {', '.join(elsewhere)}"
+                if elsewhere else "")  # fmt: skip
+        raise ConfigError(
+            f"database {self.db.name!r} has no {moods!r} collection: check MONGODB_NAME / "
+            f"--db (the dev stack's is 'aesthetic_dev'){hint}. If it is meant (no mood "
+            "written yet), add --empty-ok"
+        )
+
+    async def _databases_with(self, collection: str) -> list[str]:
+        """The databases of this server that have `collection` (none where listing them is
+        refused)."""
+        try:
+            found = []
+            for name in sorted(await self.client.list_database_names()):
+                if name in ("admin", "local", "config"):
+                    continue
+                there = await self.client[name].list_collection_names(filter={"name": collection})
+                if collection in there:
+                    found.append(name)
+            return found
+        except PyMongoError:
+            return []
+
     async def moods_exists(self) -> bool:
         return self.names.moods in await self.db.list_collection_names(
             filter={"name": self.names.moods}

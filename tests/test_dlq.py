@@ -118,9 +118,24 @@ async def test_list_table_json_user_filter_and_limit(rt: Runtime, users: Users) 
 
 
 async def test_list_empty_and_no_pds_needed(rt: Runtime) -> None:
+    await rt.store.db.create_collection(rt.store.names.moods)
     result = await dlq(rt, "list", PDS_URL="")
     assert result.code == 0, result
     assert result.out.strip() == "no dead letters"
+
+
+@pytest.mark.parametrize("command", [["list"], ["drop", "--all", "--yes"]])
+async def test_a_database_without_moods_is_refused_and_left_as_it_was(
+    rt: Runtime, command: list[str]
+) -> None:
+    """A wrong MONGODB_NAME must not read as an empty queue: one line, exit 2, nothing made."""
+    before = await rt.store.db.list_collection_names()
+    result = await dlq(rt, *command)
+    assert result.code == 2, result
+    assert f"database {rt.settings.db_name!r} has no 'moods' collection" in result.err
+    assert "--empty-ok" in result.err and len(result.err.strip().splitlines()) == 1
+    assert await rt.store.db.list_collection_names() == before
+    assert (await dlq(rt, *command, "--empty-ok")).code == 0
 
 
 async def test_retry_clears_what_is_fixed_and_counts_what_is_not(rt: Runtime, users: Users) -> None:

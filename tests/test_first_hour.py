@@ -39,6 +39,7 @@ from replicator import health, logs, metrics
 from replicator.cli import main
 from replicator.config import Settings
 from replicator.devstack.procs import free_port
+from replicator.devstack.seed import insert_mood
 from replicator.errors import ConfigError, OperatorError, Unavailable
 from replicator.runtime import Runtime
 from replicator.store import Store, create_index_command, mongo_problem
@@ -208,6 +209,7 @@ async def test_a_command_that_needs_the_pds_fails_at_once_when_it_does_not_answe
     rt: Runtime, args: tuple[str, ...]
 ) -> None:
     """Rather than after retrying every user's calls for two minutes (the sidecar waits)."""
+    await rt.store.moods.create_index("user")  # the app's collection, as a deployment has it
     pds = f"http://127.0.0.1:{free_port()}"
     out = replicator(*args, env=env_for(rt.settings, PDS_URL=pds))
     assert out.returncode == 2, out.stderr
@@ -340,6 +342,7 @@ def test_top_level_help_shows_each_summary_whole() -> None:
 
 
 async def test_status_says_how_old_its_counters_are(rt: Runtime, store: Store) -> None:
+    await store.db.create_collection(store.names.moods)
     env = env_for(rt.settings)
     never = replicator("status", "--json", env=env)
     assert json.loads(never.stdout)["counters"]["age_seconds"] is None
@@ -405,3 +408,23 @@ def test_dev_picks_a_free_metrics_port_and_gives_no_backfill_hint(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# -- issue 18: a database without `moods` -----------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("audit",), ("backfill",), ("status",), ("dlq", "list")])
+async def test_a_database_without_moods_is_refused_and_nothing_is_created(
+    rt: Runtime, users: Users, args: tuple[str, ...]
+) -> None:
+    """MONGODB_NAME left at its default while the data is in another database: not "in sync,
+    0 users" but one line naming the databases that have a `moods` collection, exit 2, and
+    nothing created where the data is not."""
+    await insert_mood(rt.store, (await users.make()).sub, "the data is here")
+    empty = f"{rt.settings.db_name}_wrong"
+    out = replicator(*args, env=env_for(rt.settings, MONGODB_NAME=empty))
+    assert out.returncode == 2, out.stderr
+    line = one_error_line(out, args[0])
+    assert f"database {empty!r} has no 'moods' collection: check MONGODB_NAME" in line
+    assert rt.settings.db_name in line  # where the moods are
+    assert empty not in await rt.store.client.list_database_names()  # nothing created there

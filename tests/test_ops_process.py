@@ -96,6 +96,11 @@ async def test_run_serves_probes_and_status_reads_it(
 
 
 async def test_status_on_an_empty_database_and_without_mongo(rt: Runtime) -> None:
+    wrong = cli(rt, "status")  # no `moods` at all: a wrong MONGODB_NAME, most likely
+    assert wrong.returncode == 2
+    assert "has no 'moods' collection" in wrong.stderr and "--empty-ok" in wrong.stderr
+    assert cli(rt, "status", "--empty-ok").returncode == 0
+    await rt.store.db.create_collection(rt.store.names.moods)  # the app's, still empty
     out = cli(rt, "status")
     assert out.returncode == 0, out.stderr
     assert "checkpoint    none" in out.stdout

@@ -13,7 +13,7 @@ from ..audit import audit
 from ..backfill import Backfill, users_in_scope
 from ..ratelimit import TokenBucket
 from ..runtime import open_runtime
-from .common import connection_options, index_option, settings_from
+from .common import connection_options, empty_ok_option, index_option, settings_from
 from .report import emit, progress_reporter
 
 # Command-line tools give up on a PDS that stays unreachable, rather than hang like the sidecar.
@@ -23,6 +23,7 @@ CLI_RETRY_TIMEOUT = 120.0
 @click.command()
 @connection_options
 @index_option
+@empty_ok_option
 @click.option(
     "--user",
     "users",
@@ -57,7 +58,10 @@ def backfill(**kw: Any) -> None:
 
 
 async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
+    async with open_runtime(
+        settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True,
+        require_moods=not kw["empty_ok"],
+    ) as rt:  # fmt: skip
         if kw["rate"]:
             rt.writer.rate = TokenBucket(kw["rate"])
         users = await users_in_scope(rt.store, kw["users"])
@@ -71,6 +75,7 @@ async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
 @click.command(name="audit")
 @connection_options
 @index_option
+@empty_ok_option
 @click.option(
     "--user", "users", multiple=True, metavar="SUB|@HANDLE", help="Only this user (repeatable)."
 )
@@ -95,7 +100,10 @@ def audit_command(**kw: Any) -> None:
 
 
 async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
+    async with open_runtime(
+        settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True,
+        require_moods=not kw["empty_ok"],
+    ) as rt:  # fmt: skip
         users = await users_in_scope(rt.store, kw["users"], kw["sample"])
         dry = Applier(rt.store, rt.writer, concurrency=settings.concurrency, dry_run=True)
         report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"])

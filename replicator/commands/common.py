@@ -16,21 +16,33 @@ from ..store import Names
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def connection_options(fn: F) -> F:
-    """Where the data lives; each flag also reads the app's own environment variable."""
+def mongo_options(fn: F) -> F:
+    """Where the data lives, for every command; each flag also reads the app's own variable."""
     options = [
         click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
                      help="MongoDB connection string (a replica set: change streams need one)."),
         click.option("--db", "db_name", envvar="MONGODB_NAME", show_envvar=True,
                      default=DEFAULT_DB, show_default=True, help="Database holding `moods`."),
-        click.option("--pds-url", envvar="PDS_URL", show_envvar=True,
-                     help="Base URL of the PDS hosting the users' repos."),
         click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
                      show_envvar=True, default="moods", show_default=True),
         click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
                      show_envvar=True, default="users", show_default=True),
         click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
                      show_envvar=True, default="@handles", show_default=True),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def pds_option(fn: F) -> F:
+    return click.option("--pds-url", envvar="PDS_URL", show_envvar=True,
+                        help="Base URL of the PDS hosting the users' repos.")(fn)  # fmt: skip
+
+
+def connection_options(fn: F) -> F:
+    """For the commands that write to the PDS: MongoDB, the PDS, the DID directory, lanes."""
+    options = [
         click.option("--plc-url", envvar="REPLICATOR_PLC_URL", show_envvar=True,
                      default=PUBLIC_PLC, show_default=True,
                      help="PLC directory that resolves did:plc to each account's PDS."),
@@ -40,7 +52,17 @@ def connection_options(fn: F) -> F:
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return mongo_options(pds_option(fn))
+
+
+def empty_ok_option(fn: F) -> F:
+    """For the commands that refuse a database without `moods` (a wrong MONGODB_NAME reads as
+    an empty, healthy deployment otherwise)."""
+    return click.option(
+        "--empty-ok", is_flag=True, envvar="REPLICATOR_EMPTY_OK", show_envvar=True,
+        help="Go on even though the database has no `moods` collection (a deployment whose "
+             "app has not written a mood yet); without it, that is a usage error, exit 2.",
+    )(fn)  # fmt: skip
 
 
 def index_option(fn: F) -> F:

@@ -33,7 +33,14 @@ from ..model import LedgerEntry, State
 from ..runtime import open_runtime
 from ..store import Doc, Names, Store, open_client
 from .backfill import CLI_RETRY_TIMEOUT
-from .common import connection_options, index_option, mongo_from, settings_from
+from .common import (
+    connection_options,
+    empty_ok_option,
+    index_option,
+    mongo_from,
+    mongo_options,
+    settings_from,
+)
 
 __all__ = ["dlq"]
 
@@ -56,7 +63,8 @@ def dlq() -> None:
 
 
 @dlq.command(name="list")
-@connection_options
+@mongo_options
+@empty_ok_option
 @click.option("--user", "who", metavar="SUB|@HANDLE", help="Only this user's dead letters.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (epoch-second times).")
 @click.option(
@@ -69,7 +77,7 @@ def list_command(who: str | None, as_json: bool, limit: int, **kw: Any) -> None:
     Exit: 0 shown, 2 error.
     """
     uri, names = mongo_from(kw)
-    report = _run(_list, uri, kw["db_name"], names, who, limit)
+    report = _run(_list, uri, kw["db_name"], names, kw["empty_ok"], who, limit)
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return
@@ -174,6 +182,7 @@ class RetryResult:
 
 @dlq.command()
 @connection_options
+@empty_ok_option
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Retry every dead letter.")
 @index_option
@@ -188,7 +197,7 @@ def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
     if bool(ids) == all_:
         raise click.UsageError("give the IDs to retry, or --all (not both)")
     settings = settings_from(kw)
-    results, missing = anyio.run(_retry, settings, list(ids), all_)
+    results, missing = anyio.run(_retry, settings, list(ids), all_, kw["empty_ok"])
     for r in results:
         if r.cleared:
             click.echo(f"{r.key}: cleared ({r.detail})")
@@ -206,9 +215,11 @@ def retry(ids: tuple[str, ...], all_: bool, **kw: Any) -> None:
 
 
 async def _retry(
-    settings: Settings, keys: list[str], all_: bool
+    settings: Settings, keys: list[str], all_: bool, empty_ok: bool
 ) -> tuple[list[RetryResult], list[str]]:
-    async with open_runtime(settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True) as rt:
+    async with open_runtime(
+        settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True, require_moods=not empty_ok
+    ) as rt:
         store = rt.store
         if all_:
             letters = [d async for d in store.dead_letters.find({}).sort("first_at", 1)]
@@ -283,7 +294,8 @@ async def _retry_not_oid(store: Store, letter: Doc) -> RetryResult:
 
 
 @dlq.command()
-@connection_options
+@mongo_options
+@empty_ok_option
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Drop every dead letter (needs --yes).")
 @click.option("--yes", is_flag=True, help="Confirm --all.")
@@ -299,7 +311,7 @@ def drop(ids: tuple[str, ...], all_: bool, yes: bool, **kw: Any) -> None:
     if all_ and not yes:
         raise click.UsageError("--all drops every dead letter: add --yes to confirm")
     uri, names = mongo_from(kw)
-    dropped, missing = _run(_drop, uri, kw["db_name"], names, list(ids), all_)
+    dropped, missing = _run(_drop, uri, kw["db_name"], names, kw["empty_ok"], list(ids), all_)
     for key in missing:
         click.echo(f"{key}: not in the dead-letter queue", err=True)
     click.echo(f"dropped {dropped} dead letter{'s' if dropped != 1 else ''}")
@@ -318,10 +330,12 @@ async def _drop(store: Store, keys: list[str], all_: bool) -> tuple[int, list[st
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _run(fn: Any, uri: str, db: str, names: Names, *args: Any) -> Any:
+def _run(fn: Any, uri: str, db: str, names: Names, empty_ok: bool, *args: Any) -> Any:
     async def go() -> Any:
         async with open_client(uri) as client:
-            return await fn(Store(client, db, names), *args)
+            store = Store(client, db, names)
+            await store.require_moods(empty_ok=empty_ok)
+            return await fn(store, *args)
 
     return anyio.run(go)
 

@@ -26,13 +26,15 @@ from .. import metrics
 from ..accounts import ParkedAccount
 from ..logs import redact
 from ..store import Names, Store, open_client
-from .common import connection_options, mongo_from, pds_url_from
+from .common import empty_ok_option, mongo_from, mongo_options, pds_option, pds_url_from
 
 __all__ = ["gather", "status"]
 
 
 @click.command()
-@connection_options
+@mongo_options
+@pds_option
+@empty_ok_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (scripts, launch reports).")
 def status(as_json: bool, **kw: Any) -> None:
     """Checkpoint, lag, ledger, dead letters, last error, lease, parked accounts, launch.
@@ -41,13 +43,17 @@ def status(as_json: bool, **kw: Any) -> None:
     Exit: 0 shown, 1 MongoDB unreachable, 2 usage.
     """
     uri, names = mongo_from(kw)
-    report = anyio.run(_gather, uri, kw["db_name"], names, pds_url_from(kw))
+    report = anyio.run(_gather, uri, kw["db_name"], names, pds_url_from(kw), kw["empty_ok"])
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
 
 
-async def _gather(uri: str, db: str, names: Names, pds_url: str | None) -> dict[str, Any]:
+async def _gather(
+    uri: str, db: str, names: Names, pds_url: str | None, empty_ok: bool
+) -> dict[str, Any]:
     async with open_client(uri) as client:
-        return await gather(Store(client, db, names), pds_url)
+        store = Store(client, db, names)
+        await store.require_moods(empty_ok=empty_ok)
+        return await gather(store, pds_url)
 
 
 async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
