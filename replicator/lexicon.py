@@ -16,7 +16,10 @@ says why next to it:
   schema and returns), so `validate_record` insists the def is a record.
 * lexrpc only checks a lexicon document's `lexicon`, `id` and def types, and its intended
   check of record schemas never runs (it looks up the literal key "field"), so
-  `validate_lexicon` adds the structural checks record validation later depends on.
+  `validate_lexicon` also parses the document with the atproto SDK's lexicon models
+  (`atproto_lexicon`, pydantic: every def, property and type as the spec has them, which
+  rejects what the reference `parseLexiconDoc` rejects, `"type": "strng"` included) and adds
+  the structural checks record validation later depends on.
 
 Known leniency, deliberately left alone because none of our records can hit it (we format
 `when` ourselves) and the fix would mean re-implementing the datetime grammar: lexrpc's
@@ -34,7 +37,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from atproto_lexicon.parser import lexicon_parse
 from lexrpc.base import NSID_RE, Base, ValidationError
+from pydantic import ValidationError as PydanticError
 
 __all__ = [
     "LEXICON_DIR",
@@ -152,6 +157,13 @@ def validate_lexicon(doc: Any) -> None:
     for name, defn in defs.items():
         if defn["type"] == "record":
             _check_record_def(f"defs.{name}", defn)
+    try:
+        lexicon_parse(dict(doc))
+    except PydanticError as exc:
+        raise LexiconError(_schema_reason(doc, exc)) from None
+    # The SDK's models still know `number`, which the spec (and `parseLexiconDoc`) dropped.
+    if where := _find_type(defs, "number", "defs"):
+        raise LexiconError(f"{where}: type 'number' is not a lexicon type (integer is)")
 
 
 def _check_record_def(where: str, defn: Mapping[str, Any]) -> None:
@@ -250,6 +262,44 @@ def _reason(message: str) -> str:
         expected = "object" if field == "record" else m["type"]
         return f"{field}: must be {_article(expected)} {expected}, got {got}"
     return f"{field}: {msg}"
+
+
+def _find_type(node: Any, kind: str, where: str) -> str | None:
+    """Where in `node` a schema of type `kind` is, if anywhere."""
+    if isinstance(node, Mapping):
+        if node.get("type") == kind:
+            return where
+        items: Any = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return None
+    for key, value in items:
+        if found := _find_type(value, kind, f"{where}.{key}"):
+            return found
+    return None
+
+
+def _schema_reason(doc: Mapping[str, Any], exc: PydanticError) -> str:
+    """The first thing the lexicon models refuse, as "<where in the document>: <what>"."""
+    first = exc.errors()[0]
+    where: list[str] = []
+    node: Any = doc
+    for step in first["loc"]:  # union tags (a def's `type`) are in the path too: skipped
+        inside = (isinstance(node, Mapping) and step in node) or (
+            isinstance(node, list) and isinstance(step, int) and step < len(node)
+        )
+        if inside:
+            node = node[step]
+            where.append(str(step))
+    message = str(first["msg"])
+    if first["type"] == "missing":
+        where.append(str(first["loc"][-1]))
+        message = "required"
+    elif first["type"] == "union_tag_invalid":
+        message = f"type {node.get('type')!r} is not a lexicon type" if isinstance(
+            node, Mapping) else message  # fmt: skip
+    return f"{'.'.join(where) or 'lexicon'}: {message}"
 
 
 def _json_type(value: Any) -> str:

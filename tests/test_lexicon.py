@@ -440,3 +440,85 @@ def test_cli_help() -> None:
     assert result.exit_code == 0
     assert "Exit status: 0 all valid, 1 something invalid, 2 usage or I/O error." in result.output
     assert "--json" in result.output
+
+
+# --- lexicon documents: rejected at least where @atproto/lexicon's parseLexiconDoc is --------
+
+
+def lexicon_with(change: Any) -> dict[str, Any]:
+    doc = json.loads(json.dumps(EXPECTED_MOOD_LEXICON))
+    change(doc)
+    return doc
+
+
+def _props(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["defs"]["main"]["record"]["properties"]  # type: ignore[no-any-return]
+
+
+# name -> (lexicon document, valid per the reference parser)
+DOC_CASES: dict[str, tuple[Any, bool]] = {
+    "the mood lexicon": (EXPECTED_MOOD_LEXICON, True),
+    "a property of type strng": (
+        lexicon_with(lambda d: _props(d)["mood"].update(type="strng")), False),
+    "maxLength not a number": (
+        lexicon_with(lambda d: _props(d)["mood"].update(maxLength="5000")), False),
+    "a def of an unknown type": (
+        lexicon_with(lambda d: d["defs"].update(extra={"type": "recrod"})), False),
+    "lexicon version 2": (lexicon_with(lambda d: d.update(lexicon=2)), False),
+    "no defs": (lexicon_with(lambda d: d.pop("defs")), False),
+    "required names an undeclared property": (
+        lexicon_with(lambda d: d["defs"]["main"]["record"]["required"].append("nope")), False),
+    "an array without items": (
+        lexicon_with(lambda d: _props(d).update(tags={"type": "array"})), False),
+    "a ref without a ref": (lexicon_with(lambda d: _props(d).update(x={"type": "ref"})), False),
+    "properties not an object": (
+        lexicon_with(lambda d: d["defs"]["main"]["record"].update(properties=[])), False),
+    "an integer with a string default": (
+        lexicon_with(lambda d: _props(d).update(n={"type": "integer", "default": "1"})), False),
+    "a description that is a number": (
+        lexicon_with(lambda d: _props(d)["mood"].update(description=5)), False),
+    "a property of type number (not in the spec)": (
+        lexicon_with(lambda d: _props(d).update(n={"type": "number"})), False),
+    "an extra known property kind (blob)": (
+        lexicon_with(lambda d: _props(d).update(pic={"type": "blob", "accept": ["image/*"]})),
+        True),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def js_doc_verdicts() -> dict[str, dict[str, Any]]:
+    if not node.pds_installed():
+        node.ensure_pds_installed()
+    payload = {"docs": [{"name": n, "doc": doc} for n, (doc, _) in DOC_CASES.items()]}
+    out = subprocess.run(
+        [str(node.node_binary()), str(JS_VALIDATOR), str(node.NODE_MODULES)],
+        input=json.dumps(payload), capture_output=True, text=True, encoding="utf-8",
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    verdicts: dict[str, dict[str, Any]] = json.loads(out.stdout)
+    assert set(verdicts) == set(DOC_CASES)
+    return verdicts
+
+
+@pytest.mark.parametrize("name", list(DOC_CASES))
+def test_lexicon_check_rejects_what_the_reference_parser_rejects(
+    name: str, js_doc_verdicts: dict[str, dict[str, Any]]
+) -> None:
+    doc, expected = DOC_CASES[name]
+    js = js_doc_verdicts[name]
+    assert js["valid"] is expected, f"{name}: parseLexiconDoc says {js}"
+    try:
+        validate_lexicon(doc)
+        ours, error = True, ""
+    except LexiconError as exc:
+        ours, error = False, str(exc)
+    assert ours is expected, f"{name}: we say valid={ours} ({error}), the reference {js}"
+
+
+def test_lexicon_check_names_the_bad_type(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(DOC_CASES["a property of type strng"][0]))
+    result = run_cli(str(bad))
+    assert result.exit_code == 1, result.output
+    assert "defs.main.record.properties.mood: type 'strng' is not a lexicon type" in result.output

@@ -2,6 +2,8 @@
 // validator can be checked against it case by case.
 //
 // stdin:  {"lexicons": [doc, ...], "cases": [{"name": str, "record": any, "nsid"?: str}]}
+//         or {"docs": [{"name": str, "doc": any}]}: lexicon documents, through
+//         `parseLexiconDoc`, as `lex check`-style tools check them.
 // stdout: {"<name>": {"valid": true} | {"valid": false, "error": str}, ...}
 // nsid defaults to "computer.aesthetic.mood".
 //
@@ -18,14 +20,24 @@ if (!nodeModules) {
   process.exit(2)
 }
 const require = createRequire(path.join(path.resolve(nodeModules), 'noop.js'))
-const { Lexicons } = await import(pathToFileURL(require.resolve('@atproto/lexicon')).href)
+const { Lexicons, parseLexiconDoc } = await import(
+  pathToFileURL(require.resolve('@atproto/lexicon')).href
+)
 
 const chunks = []
 for await (const chunk of process.stdin) chunks.push(chunk)
-const { lexicons, cases } = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+const { lexicons = [], cases = [], docs = [] } = JSON.parse(Buffer.concat(chunks).toString('utf8'))
 
-const lex = new Lexicons(lexicons)
 const out = {}
+for (const { name, doc } of docs) {
+  try {
+    parseLexiconDoc(doc)
+    out[name] = { valid: true }
+  } catch (err) {
+    out[name] = { valid: false, error: String(err?.message ?? err) }
+  }
+}
+const lex = new Lexicons(lexicons)
 for (const { name, record, nsid = 'computer.aesthetic.mood' } of cases) {
   try {
     lex.assertValidRecord(nsid, record)
