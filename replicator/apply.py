@@ -28,7 +28,7 @@ from loguru import logger
 
 from . import crashpoints, metrics, tid
 from .accounts import AccountGate
-from .desired import bad_id_reason, desired_state, valid_user
+from .desired import DOCUMENT_DELETED, bad_id_reason, desired_state, valid_user
 from .errors import (
     AccountGone,
     AccountUnavailable,
@@ -44,7 +44,7 @@ from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .rollout import NOT_ENABLED
-from .store import Store, Written, sub_hash
+from .store import Letter, Store, Written, sub_hash
 from .writer import RepoWriter
 
 LANE_DEADLINE = 60.0
@@ -170,7 +170,13 @@ class Applier:
                 if isinstance(d["_id"], ObjectId):
                     docs[d["_id"]] = d
                 elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
-                    await self.store.dead_letter(d["_id"], sub, None, bad_id_reason(d["_id"]))
+                    reason = bad_id_reason(d["_id"])
+                    await self.store.dead_letter(d["_id"], sub, None, reason, "invalid")
+                if not isinstance(d["_id"], ObjectId):  # a mood all the same: counted
+                    outcome.counts["moods"] += 1
+                    outcome.findings.append(
+                        Finding("invalid", None, None, None, bad_id_reason(d["_id"]))
+                    )
             if account is None and not self.dry_run:
                 # Letters of moods gone for good (their delete event lost, say): what may
                 # still name a user with no account, erased where no event said so.
@@ -593,16 +599,16 @@ class Applier:
         that are fine again."""
         by_id = {e.mood_id: e for e in entries}
         user_of = {m.mood_id: p for p in plans for m in p.moods}
-        letters: list[tuple[Any, str | None, str | None, str]] = []
+        letters: list[Letter] = []
         for plan, mood_id, reason in parked:
             did = plan.account.did if plan.account else None
-            letters.append((mood_id, plan.user, did, reason))
+            letters.append((mood_id, plan.user, did, reason, "failed"))
             logger.bind(mood_id=str(mood_id), did=did).warning("parked: {}", reason)
             outcome.findings.append(Finding("parked", did, None, mood_id, reason))
         for mood_id, reason in failed.items():
             plan = user_of[mood_id]
             did = plan.account.did if plan.account else None
-            letters.append((mood_id, plan.user, did, reason))
+            letters.append((mood_id, plan.user, did, reason, "failed"))
             logger.bind(mood_id=str(mood_id), did=did).error("{}", reason)
             outcome.counts["write_back_failed"] += 1
         fixed = []
@@ -613,7 +619,7 @@ class Applier:
                     plan = user_of[mood_id]
                     # The user's DID even when no record was ever made: whose repo it is for.
                     did = entry.did or (plan.account.did if plan.account else None)
-                    letters.append((mood_id, plan.user, did, entry.reason or ""))
+                    letters.append((mood_id, plan.user, did, entry.reason or "", "invalid"))
                     logger.bind(mood_id=str(mood_id), did=did).warning(
                         "invalid mood: {}", entry.reason
                     )
@@ -718,7 +724,8 @@ def _refuse(result: LaneResult, write: Write, exc: Exception) -> None:
 def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
     prefix = "" if applied else "would_"
     for mood in plan.moods:
-        outcome.counts["moods"] += 1
+        # A mood is a document: an entry whose document is gone is not one any more.
+        outcome.counts["moods"] += mood.desired.reason != DOCUMENT_DELETED
         outcome.counts[f"mood_{mood.desired.state.value}"] += 1
         outcome.counts["adopted"] += mood.adopted
         outcome.counts[f"{prefix}put"] += sum(1 for w in mood.writes if w.action == "put")

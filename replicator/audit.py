@@ -30,6 +30,9 @@ class AuditReport:
     repairs: Counter[str] = field(default_factory=Counter)
     fixed: bool = False
     before_fix: dict[str, Any] | None = None
+    # (a whole audit) the moods of no user (no usable `user`), which no user's audit covers
+    moods_without_user: int = 0
+    invalid_without_user: int = 0
 
     @property
     def divergences(self) -> Counter[str]:
@@ -55,14 +58,13 @@ class AuditReport:
             "in_sync": self.in_sync,
             "users": self.users,
             "users_with_account": c["users_with_account"],
-            "moods": c["moods"],
-            "moods_live": c["mood_present"] + c["mood_skipped"] + c["mood_invalid"],
+            "moods": c["moods"] + self.moods_without_user,
             "records": c["records_listed"],
             "in_sync_percent": round(100.0 * in_sync / should_exist, 2) if should_exist else 100.0,
             "divergences": dict(self.divergences),
-            "no_account_moods": c["mood_skipped"],
-            "invalid_moods": len(invalid),
+            "invalid": len(invalid) + self.invalid_without_user,
             "invalid_reasons": dict(Counter(f.detail for f in invalid)),
+            "no_account": c["mood_skipped"],
             "dead_letters": self.dead_letters,
             "diverged_users": self.diverged_users[:examples],
             "examples": [_finding(f) for f in self.outcome.findings
@@ -79,8 +81,16 @@ def _finding(f: Finding) -> dict[str, Any]:
             "mood_id": str(f.mood_id) if f.mood_id else None, "detail": f.detail}  # fmt: skip
 
 
-async def audit_users(store: Store, dry: Applier, users: Sequence[str]) -> AuditReport:
+async def audit_users(
+    store: Store, dry: Applier, users: Sequence[str], *, whole: bool = False
+) -> AuditReport:
+    """`whole`: every user is audited, so the invalid moods of no user (no usable `user`)
+    are counted too (from the dead-letter queue, which reports them): the same `invalid` as
+    `status` and `dlq list` give."""
     report = AuditReport(users=len(users))
+    if whole:
+        report.moods_without_user = await store.moods_without_user()
+        report.invalid_without_user = await store.invalid_without_user()
     for sub in users:
         outcome = await dry.reconcile_user(sub, fix=True)
         report.outcome.merge(outcome)
@@ -94,10 +104,16 @@ async def audit_users(store: Store, dry: Applier, users: Sequence[str]) -> Audit
 
 
 async def audit(
-    store: Store, dry: Applier, live: Applier, users: Sequence[str], *, fix: bool = False
+    store: Store,
+    dry: Applier,
+    live: Applier,
+    users: Sequence[str],
+    *,
+    fix: bool = False,
+    whole: bool = False,
 ) -> AuditReport:
     """`dry` plans without writing; `live` repairs (only with `fix`)."""
-    report = await audit_users(store, dry, users)
+    report = await audit_users(store, dry, users, whole=whole)
     if not fix or report.in_sync:
         return report
     before = report.summary()
@@ -108,6 +124,6 @@ async def audit(
             repairs[key] += outcome.counts[key]
     metrics.observe_repairs(repairs)
     await metrics.flush_stats(store)  # launch figures: `status` shows the repairs made
-    after = await audit_users(store, dry, users)
+    after = await audit_users(store, dry, users, whole=whole)
     after.fixed, after.repairs, after.before_fix = True, repairs, before
     return after

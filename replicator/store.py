@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -583,6 +583,17 @@ class Store:
                     left += chunk  # the upsert way decides each (and raises `Fenced`)
         return left
 
+    async def records_held(self) -> int:
+        """Records on the PDS as the ledger knows them: every location it holds, a record kept
+        after an invalid edit and one in flight included."""
+        cursor = await self.ledger.aggregate(
+            [{"$project": {"n": {"$size": {"$ifNull": ["$held", []]}}}},
+             {"$group": {"_id": None, "n": {"$sum": "$n"}}}]
+        )  # fmt: skip
+        async for doc in cursor:
+            return int(doc["n"])
+        return 0
+
     async def ledger_counts(self) -> dict[str, int]:
         cursor = await self.ledger.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
         return {str(d["_id"]): int(d["n"]) async for d in cursor}
@@ -843,15 +854,15 @@ class Store:
     # -- dead letters -------------------------------------------------------------------------
 
     async def dead_letter(
-        self, mood_id: Any, user: str | None, did: str | None, reason: str
+        self, mood_id: Any, user: str | None, did: str | None, reason: str, kind: LetterKind
     ) -> None:
-        await self.dead_letter_many([(mood_id, user, did, reason)])
+        await self.dead_letter_many([(mood_id, user, did, reason, kind)])
 
-    async def dead_letter_many(
-        self, letters: Sequence[tuple[Any, str | None, str | None, str]]
-    ) -> None:
-        """(mood id, user, did, reason) each, in one bulk write. Keyed by the mood id (hex,
-        or the repr of an id that is not an ObjectId)."""
+    async def dead_letter_many(self, letters: Sequence[Letter]) -> None:
+        """(mood id, user, did, reason, kind) each, in one bulk write. Keyed by the mood id
+        (hex, or the repr of an id that is not an ObjectId). `kind`: `invalid` (the document
+        cannot become a record) or `failed` (its write is parked, or its write-back failed):
+        what `status`, `audit` and `dlq` count under those names."""
         if not letters:
             return
         now = time.time()
@@ -860,16 +871,17 @@ class Store:
                 UpdateOne(
                     {"_id": letter_key(mood_id)},
                     {
-                        "$set": {"user": user, "did": did, "reason": reason, "last_at": now},
+                        "$set": {"user": user, "did": did, "reason": reason, "kind": kind,
+                                 "last_at": now},
                         "$setOnInsert": {"first_at": now},
                         "$inc": {"attempts": 1},
                     },
                     upsert=True,
                 )
-                for mood_id, user, did, reason in letters
+                for mood_id, user, did, reason, kind in letters
             ],
             ordered=False,
-        )
+        )  # fmt: skip
 
     async def forget_dead_letter(self, key: str) -> None:
         await self.dead_letters.delete_one({"_id": key})
@@ -886,6 +898,26 @@ class Store:
 
     async def dead_letter_count(self) -> int:
         return await self.dead_letters.count_documents({})
+
+    async def moods_without_user(self) -> int:
+        """Moods whose `user` is missing, not a string or empty: no user's to reconcile."""
+        query = {"$or": [{"user": {"$exists": False}}, {"user": {"$not": {"$type": "string"}}},
+                         {"user": ""}]}  # fmt: skip
+        return await self.moods.count_documents(query)
+
+    async def invalid_without_user(self) -> int:
+        """Invalid moods of no user (no usable `user`): reported, but in no user's scope."""
+        cursor = self.dead_letters.find({"user": None}, {"kind": 1, "reason": 1})
+        return sum([letter_kind(d) == "invalid" async for d in cursor])
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters by kind (`invalid`, `failed`; letters of earlier releases, which have
+        none, by their reason: an invalid document's names a field)."""
+        cursor = self.dead_letters.find({}, {"kind": 1, "reason": 1})
+        out = {"invalid": 0, "failed": 0}
+        async for doc in cursor:
+            out[letter_kind(doc)] += 1
+        return out
 
 
 def _rkey_pipeline(rkeys: Mapping[ObjectId, str]) -> list[Doc]:
@@ -910,6 +942,19 @@ def _id_order(value: Any) -> tuple[int, float, str]:
     if isinstance(value, ObjectId):
         return (2, 0.0, str(value))
     return (4, 0.0, repr(value))
+
+
+LetterKind = Literal["invalid", "failed"]
+Letter = tuple[Any, str | None, str | None, str, LetterKind]  # id, user, did, reason, kind
+
+
+def letter_kind(doc: Mapping[str, Any]) -> LetterKind:
+    kind = doc.get("kind")
+    if kind == "invalid" or kind == "failed":
+        return "invalid" if kind == "invalid" else "failed"
+    reason = str(doc.get("reason") or "")
+    failed = ("PDS", "parked", "write-back", "account", "erased", "budget")
+    return "failed" if any(word in reason for word in failed) else "invalid"
 
 
 def letter_key(mood_id: Any) -> str:

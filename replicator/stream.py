@@ -429,7 +429,7 @@ class Replicator:
                 if user is not None and await self.store.forgotten([user]):
                     user = None  # an erased user's: reported, without naming them
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
-                await self.store.dead_letter(mood_id, user, None, reason)
+                await self.store.dead_letter(mood_id, user, None, reason, "invalid")
         if ids:
             await self.applier.apply_ids(ids, owners)
         self.events_applied += len(batch) if end is None else batch.index(end)

@@ -137,7 +137,7 @@ async def test_backfill_then_audit_fix_ends_clean(rt: Runtime, users: Users) -> 
     assert code == 0, err
     assert summary["adopted"] >= 5 + 3 + 2  # old path, mongoId, atproto {}
     assert summary["duplicates"] == 3 and summary["orphans"] == 2
-    assert summary["skipped_reasons"] == {"no ATProto account": 2}
+    assert summary["no_account_reasons"] == {"no ATProto account": 2}
     # Permalinks kept: the old writer's rkeys are still the records' keys.
     assert set(await records(rt.settings.pds_url, u["old"].did or "")) == old_rkeys
 

@@ -91,9 +91,11 @@ async def test_list_table_json_user_filter_and_limit(rt: Runtime, users: Users) 
     assert listed.code == 0, listed
     report = json.loads(listed.out)
     assert (report["total"], report["shown"]) == (4, 4)
+    assert (report["invalid"], report["failed"]) == (4, 0)  # as `status` and `audit` count
     by_id = {e["id"]: e for e in report["dead_letters"]}
     assert by_id[str(huge)] | {"first_at": 0, "last_at": 0, "age_seconds": 0} == {
-        "id": str(huge), "user": bob.sub, "handle": f"@{bob.handle.split('.')[0]}",
+        "id": str(huge), "kind": "invalid", "user": bob.sub,
+        "handle": f"@{bob.handle.split('.')[0]}",
         "did": bob.did, "attempts": 1, "first_at": 0, "last_at": 0, "age_seconds": 0,
         "reason": "mood: longer than maxLength 5000 UTF-8 bytes (6000)",
     }  # fmt: skip
@@ -111,7 +113,11 @@ async def test_list_table_json_user_filter_and_limit(rt: Runtime, users: Users) 
     assert [e["id"] for e in only_bob["dead_letters"]] == [str(huge)]
 
     limited = await dlq(rt, "list", "--limit", "1")
-    assert limited.code == 0 and "4 dead letters (showing 1; raise --limit" in limited.out
+    assert (
+        limited.code == 0
+        and "4 dead letters (4 invalid, 0 failed)" in limited.out
+        and "showing 1, raise --limit" in limited.out
+    )
 
     unknown = await dlq(rt, "list", "--user", "@nobody-here")
     assert unknown.code == 2 and "unknown user '@nobody-here'" in unknown.err

@@ -45,6 +45,7 @@ from replicator.runtime import Runtime
 from replicator.store import Store, create_index_command, mongo_problem
 
 from .conftest import Users, env_for
+from .harness import eventually, records, running
 
 REPLICATOR = str(Path(sys.executable).parent / "replicator")  # the installed entry point
 SECRET = "s3cret-Pa55"
@@ -428,3 +429,42 @@ async def test_a_database_without_moods_is_refused_and_nothing_is_created(
     assert f"database {empty!r} has no 'moods' collection: check MONGODB_NAME" in line
     assert rt.settings.db_name in line  # where the moods are
     assert empty not in await rt.store.client.list_database_names()  # nothing created there
+
+
+async def test_status_audit_and_dlq_count_the_same_things_the_same_way(
+    rt: Runtime, users: Users
+) -> None:
+    """One set of counts: `moods` (documents), `records`, `invalid` (moods that cannot become
+    a record, whatever the reason: a bad field, no usable `user`, an `_id` that is no
+    ObjectId), `no_account`, named alike and equal in `status`, `audit` and `dlq list`."""
+    alice, nobody = await users.make(), await users.make(with_account=False)
+    async with running(rt):
+        kept = await insert_mood(rt.store, alice.sub, "kept, then spoiled")
+        purged = await insert_mood(rt.store, alice.sub, "purged")
+        await insert_mood(rt.store, alice.sub, "fine")
+        await insert_mood(rt.store, alice.sub, "")  # invalid: empty
+        await insert_mood(rt.store, nobody.sub, "no account")
+        now = datetime.now(UTC)
+        await rt.store.moods.insert_one({"user": None, "mood": "whose?", "when": now})
+        await rt.store.moods.insert_one({"_id": "legacy-1", "user": alice.sub,
+                                         "mood": "string id", "when": now})  # fmt: skip
+        await eventually(lambda: _records_are(rt, alice, 3), 30, "mirrored")
+        await rt.store.moods.delete_one({"_id": purged})
+        await rt.store.moods.update_one({"_id": kept}, {"$set": {"mood": 42}})  # record kept
+        await eventually(lambda: _records_are(rt, alice, 2), 30, "the purge mirrored")
+        await anyio.sleep(1)
+    env = env_for(rt.settings)
+    status = json.loads(replicator("status", "--json", env=env).stdout)
+    audit = json.loads(replicator("audit", "--json", env=env).stdout)
+    dlq = json.loads(replicator("dlq", "list", "--json", env=env).stdout)
+    moods = await rt.store.moods.count_documents({})
+    assert status["launch"]["moods"] == audit["moods"] == moods == 6
+    assert status["launch"]["records"] == audit["records"] == 2  # the spoiled one's is kept
+    assert status["launch"]["invalid"] == audit["invalid"] == dlq["invalid"] == 4
+    assert status["dead_letters"]["count"] == dlq["total"] == 4
+    assert status["launch"]["no_account"] == audit["no_account"] == 1
+    assert "parked        none" in replicator("status", env=env).stdout
+
+
+async def _records_are(rt: Runtime, who: Any, n: int) -> bool:
+    return len(await records(rt.settings.pds_url, who.did or "")) == n

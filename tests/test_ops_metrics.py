@@ -153,8 +153,8 @@ async def test_health_ready_metrics_and_status_follow_the_replicator(
             assert report["pds"]["reachable"] is True
             launch = report["launch"]
             assert launch["users_with_account"] == 1
-            assert launch["moods_in_mongo"] == 1
-            assert launch["records_on_pds"] == 1
+            assert launch["moods"] == 1
+            assert launch["records"] == 1
             assert launch["success_rate"] == 1.0
             assert launch["failed"] == 0
             assert launch["latency_avg_seconds"] is not None

@@ -106,7 +106,8 @@ async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
     ) as rt:  # fmt: skip
         users = await users_in_scope(rt.store, kw["users"], kw["sample"])
         dry = Applier(rt.store, rt.writer, concurrency=settings.concurrency, dry_run=True)
-        report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"])
+        whole = not kw["users"] and not kw["sample"]
+        report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"], whole=whole)
         return report.summary()
 
 

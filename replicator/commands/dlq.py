@@ -31,7 +31,7 @@ from ..desired import bad_id_reason
 from ..logs import redact
 from ..model import LedgerEntry, State
 from ..runtime import open_runtime
-from ..store import Doc, Names, Store, open_client
+from ..store import Doc, LetterKind, Names, Store, letter_kind, open_client
 from .backfill import CLI_RETRY_TIMEOUT
 from .common import (
     connection_options,
@@ -92,6 +92,9 @@ async def _list(store: Store, who: str | None, limit: int) -> dict[str, Any]:
             raise click.UsageError(f"unknown user {who!r} (no such handle)")
         query["user"] = sub
     total = await store.dead_letters.count_documents(query)
+    kinds = {"invalid": 0, "failed": 0}
+    async for d in store.dead_letters.find(query, {"kind": 1, "reason": 1}):
+        kinds[letter_kind(d)] += 1
     cursor = store.dead_letters.find(query).sort([("last_at", DESCENDING), ("_id", 1)])
     docs = [d async for d in cursor.limit(limit)]
     subs = sorted({d["user"] for d in docs if isinstance(d.get("user"), str)})
@@ -107,6 +110,7 @@ async def _list(store: Store, who: str | None, limit: int) -> dict[str, Any]:
         entries.append(
             {
                 "id": str(d["_id"]),
+                "kind": letter_kind(d),
                 "user": d.get("user"),
                 "handle": handles.get(d.get("user") or ""),
                 "did": d.get("did"),
@@ -117,7 +121,7 @@ async def _list(store: Store, who: str | None, limit: int) -> dict[str, Any]:
                 "reason": redact(str(d.get("reason") or "")),
             }
         )
-    return {"total": total, "shown": len(entries), "dead_letters": entries}
+    return {"total": total, **kinds, "shown": len(entries), "dead_letters": entries}
 
 
 def render(report: dict[str, Any], *, width: int | None = None) -> str:
@@ -150,8 +154,9 @@ def render(report: dict[str, Any], *, width: int | None = None) -> str:
     total, shown = report["total"], report["shown"]
     lines.append("")
     lines.append(
-        f"{total} dead letter{'s' if total != 1 else ''}"
-        + (f" (showing {shown}; raise --limit for more)" if shown < total else "")
+        f"{total} dead letter{'s' if total != 1 else ''} ({report.get('invalid', 0)} invalid, "
+        f"{report.get('failed', 0)} failed)"
+        + (f"; showing {shown}, raise --limit for more" if shown < total else "")
     )
     return "\n".join(lines)
 
@@ -267,7 +272,12 @@ async def _settle(
     )
     if not counted:
         did = entry.did if entry is not None else None
-        await store.dead_letter(ObjectId(key), letter.get("user"), did or letter.get("did"), reason)
+        kind: LetterKind = (
+            "failed" if entry is not None and entry.state is State.PARKED else ("invalid")
+        )
+        await store.dead_letter(
+            ObjectId(key), letter.get("user"), did or letter.get("did"), reason, kind
+        )
     current = await store.dead_letters.find_one({"_id": key}) or letter
     return RetryResult(key, False, reason, int(current.get("attempts") or 0))
 

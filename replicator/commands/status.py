@@ -65,6 +65,8 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
     lease = await state.find_one({"_id": f"lease:{moods}"})  # as runtime.Runtime names it
     ledger = await store.ledger_counts()
     dead_count = await store.dead_letter_count()
+    dead_kinds = await store.dead_letter_counts()
+    records = await store.records_held()
     latest_dead = await store.dead_letters.find_one({}, sort=[("last_at", DESCENDING)])
     users_with_account = await store.users.count_documents({"atproto.did": {"$regex": "^did:"}})
     moods_total = await store.moods.count_documents({})
@@ -86,6 +88,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
         "ledger": dict(sorted(ledger.items())),
         "dead_letters": {
             "count": dead_count,
+            **dead_kinds,
             "latest": _dead_letter(latest_dead, now) if latest_dead else None,
         },
         "last_error": _last_error(stats, latest_dead),
@@ -95,8 +98,10 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
         "counters": counters,
         "launch": {
             "users_with_account": users_with_account,
-            "moods_in_mongo": moods_total,
-            "records_on_pds": ledger.get("present", 0),  # per the ledger; `audit` lists repos
+            "moods": moods_total,
+            "records": records,  # per the ledger (every location it holds); `audit` lists repos
+            "invalid": dead_kinds["invalid"],
+            "no_account": ledger.get("skipped", 0),
             **metrics.sync_figures(stats),
         },
     }
@@ -296,14 +301,17 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"  ledger        {ledger}")
     dl = r["dead_letters"]
     latest = dl["latest"]
-    tail = f" (latest: {latest['mood_id']} {latest['reason']})" if latest else ""
-    lines.append(f"  dead letters  {dl['count']}{tail}")
+    kinds = (
+        f" ({dl.get('invalid', 0)} invalid, {dl.get('failed', 0)} failed)" if dl["count"] else ""
+    )
+    tail = f"; latest: {latest['mood_id']} {latest['reason']}" if latest else ""
+    lines.append(f"  dead letters  {dl['count']}{kinds}{tail}")
     pa = r.get("parked_accounts")
     if pa is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in pa["by_reason"].items())
         plural = "" if pa["count"] == 1 else "s"
         lines.append(f"  parked        {pa['count']} account{plural} ({reasons})" if pa["count"]
-                     else "  parked        no account")  # fmt: skip
+                     else "  parked        none")  # fmt: skip
     er = r["erasures"]
     lines.append(
         f"  erasures      {er['done']} done (users forgotten), {er['under_way']} under way"
@@ -325,8 +333,10 @@ def render(r: dict[str, Any]) -> str:
     lines += [
         f"  launch        ({age})",
         f"    users with an ATProto account  {la['users_with_account']}",
-        f"    moods in Mongo                 {la['moods_in_mongo']}",
-        f"    records on the PDS (ledger)    {la['records_on_pds']}",
+        f"    moods                          {la['moods']}",
+        f"    records (per the ledger)       {la['records']}",
+        f"    invalid                        {la['invalid']}",
+        f"    no account                     {la['no_account']}",
         f"    sync success rate              {_pct(la['success_rate'])} "
         f"({la['synced']} synced, {la['failed']} failed)",
         f"    sync latency                   avg {_secs(la['latency_avg_seconds'])}, "

@@ -24,6 +24,8 @@ from replicator.lease import Fence, Fenced
 from replicator.model import Account, LedgerEntry, State
 from replicator.sessions import Session, session_from_doc, session_to_doc
 from replicator.store import (
+    Letter,
+    LetterKind,
     Names,
     Written,
     _due,
@@ -528,24 +530,25 @@ class FakeStore:
     # -- dead letters ------------------------------------------------------------------------
 
     async def dead_letter(
-        self, mood_id: Any, user: str | None, did: str | None, reason: str
+        self, mood_id: Any, user: str | None, did: str | None, reason: str, kind: LetterKind
     ) -> None:
-        await self.dead_letter_many([(mood_id, user, did, reason)])
+        await self.dead_letter_many([(mood_id, user, did, reason, kind)])
 
-    async def dead_letter_many(
-        self, letters: Sequence[tuple[Any, str | None, str | None, str]]
-    ) -> None:
+    async def dead_letter_many(self, letters: Sequence[Letter]) -> None:
         if not letters:
             return
         now = self._now()
 
         def op() -> None:
-            for mood_id, user, did, reason in letters:
+            for mood_id, user, did, reason, kind in letters:
                 key = letter_key(mood_id)
 
-                def change(doc: Doc, user: Any = user, did: Any = did, why: Any = reason) -> None:
+                def change(
+                    doc: Doc, user: Any = user, did: Any = did, why: Any = reason, kind: Any = kind
+                ) -> None:
                     doc.setdefault("first_at", now)
-                    doc.update({"user": user, "did": did, "reason": why, "last_at": now})
+                    doc.update({"user": user, "did": did, "reason": why, "kind": kind,
+                                "last_at": now})  # fmt: skip
                     doc["attempts"] = doc.get("attempts", 0) + 1
 
                 self.state.update(self.names.dead_letters, key, change, upsert=True)
