@@ -45,6 +45,7 @@ from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .rollout import NOT_ENABLED
 from .store import Letter, Store, Written, sub_hash
+from .tasks import task_group
 from .writer import RepoWriter
 
 LANE_DEADLINE = 60.0
@@ -413,7 +414,7 @@ class Applier:
         ready: list[tuple[UserPlan, LaneResult | None]] = [
             (p, None) for p in live if not any(p is q for q in sending)
         ]
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             tg.start_soon(lanes)
             async for item in done:
                 ready.append(item)
@@ -728,7 +729,10 @@ def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
         outcome.counts["moods"] += mood.desired.reason != DOCUMENT_DELETED
         outcome.counts[f"mood_{mood.desired.state.value}"] += 1
         outcome.counts["adopted"] += mood.adopted
-        outcome.counts[f"{prefix}put"] += sum(1 for w in mood.writes if w.action == "put")
+        puts = [w for w in mood.writes if w.action == "put"]
+        outcome.counts[f"{prefix}put"] += len(puts)
+        outcome.counts[f"{prefix}updated"] += sum(1 for w in puts if w.exists is not False)
+        outcome.counts[f"{prefix}created"] += sum(1 for w in puts if w.exists is False)
         outcome.counts[f"{prefix}delete"] += sum(1 for w in mood.writes if w.action == "delete")
         if not mood.writes:
             outcome.counts[f"unchanged_{mood.entry.state.value}"] += 1

@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import anyio
-import anyio.abc
 import httpx
 
 from . import metrics
@@ -23,6 +21,7 @@ from .rollout import resolve_allowlist
 from .sessions import SessionPool
 from .store import Store, open_client
 from .stream import Replicator
+from .tasks import task_group
 from .writer import RepoWriter
 
 
@@ -77,7 +76,7 @@ async def open_runtime(
     )  # fmt: skip
     plc = httpx.AsyncClient(timeout=10.0)
     try:
-        async with open_client(settings.mongodb_uri) as client, _beside() as tg:
+        async with open_client(settings.mongodb_uri) as client, task_group() as tg:
             store = Store(client, settings.db_name, settings.names)
             if settings.dry_run:
                 store.checkpoint_name += ":dry-run"
@@ -119,19 +118,6 @@ async def open_runtime(
     finally:
         await plc.aclose()
         await pds.aclose()
-
-
-@asynccontextmanager
-async def _beside() -> AsyncIterator[anyio.abc.TaskGroup]:
-    """A task group for what runs beside the runtime's user (the directory's refresher, which
-    never raises): the user's own exception comes out as it was raised, not in a group."""
-    try:
-        async with anyio.create_task_group() as tg:
-            yield tg
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 def lease_name(settings: Settings) -> str:

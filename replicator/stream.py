@@ -431,7 +431,8 @@ class Replicator:
                 logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
                 await self.store.dead_letter(mood_id, user, None, reason, "invalid")
         if ids:
-            await self.applier.apply_ids(ids, owners)
+            done = await self.applier.apply_ids(ids, owners)
+            _log_batch(len(ids), done.counts, self.oldest_unapplied_at)
         self.events_applied += len(batch) if end is None else batch.index(end)
         seconds = [s for s in map(cluster_seconds, batch) if s is not None]
         if seconds:
@@ -561,6 +562,21 @@ class Replicator:
         ):
             await self.store.save_checkpoint(token, stream="users")
             self._users_saved, self._users_saved_at = dict(token), now
+
+
+def _log_batch(changes: int, counts: Mapping[str, int], oldest: float | None) -> None:
+    """One INFO line a batch: what reached the PDS, and how far behind MongoDB it was."""
+    lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+    trouble = "".join(
+        f", {counts[k]} {word}" for k, word in (("parked", "parked"), ("mood_invalid", "invalid"))
+        if counts.get(k)
+    )  # fmt: skip
+    logger.info(
+        "applied {} change{}: {} created, {} updated, {} deleted{}; lag {:.1f}s",
+        changes, "" if changes == 1 else "s", counts.get("created", 0),
+        counts.get("updated", 0), counts.get("delete", 0) + counts.get("delete_orphan", 0),
+        trouble, lag,
+    )  # fmt: skip
 
 
 def _position_of(stream: AsyncChangeStream[Doc]) -> Mapping[str, Any]:

@@ -261,7 +261,10 @@ async def test_second_process_waits_then_takes_over(
     async def held_by(pid: int) -> bool:
         return f":{pid}:" in await holder()
 
-    await eventually(lambda: held_by(first.pid), 30, "first process holds the lease")
+    async def streaming() -> bool:  # with no checkpoint, the stream starts where it opens
+        return await held_by(first.pid) and bool(await rt.store.load_checkpoint())
+
+    await eventually(streaming, 30, "first process holds the lease and reads the stream")
     second = _run(rt.settings, logs[1])
     try:
         await insert_mood(rt.store, who.sub, "while both run")

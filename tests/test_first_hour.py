@@ -468,3 +468,30 @@ async def test_status_audit_and_dlq_count_the_same_things_the_same_way(
 
 async def _records_are(rt: Runtime, who: Any, n: int) -> bool:
     return len(await records(rt.settings.pds_url, who.did or "")) == n
+
+
+async def test_each_applied_batch_is_one_info_line(rt: Runtime, users: Users) -> None:
+    """At INFO a newcomer sees their change arrive: one line a batch, saying what the PDS was
+    asked to create, update and delete, and how far behind MongoDB that was."""
+    who = await users.make()
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:
+        async with running(rt):
+            mood = await insert_mood(rt.store, who.sub, "hello")
+            await eventually(lambda: _records_are(rt, who, 1), 30, "created")
+            await rt.store.moods.update_one({"_id": mood}, {"$set": {"mood": "hello again"}})
+            await eventually(lambda: _applied(lines, "0 created, 1 updated, 0 deleted"), 30)
+            await rt.store.moods.update_one({"_id": mood}, {"$set": {"deleted": True}})
+            await eventually(lambda: _records_are(rt, who, 0), 30, "deleted")
+            await eventually(lambda: _applied(lines, "0 created, 0 updated, 1 deleted"), 30)
+    finally:
+        logger.remove(sink)
+    applied = [line for line in lines if line.startswith("applied ")]
+    assert re.fullmatch(r"applied 1 change: 1 created, 0 updated, 0 deleted; lag \d+\.\ds",
+                        applied[0]), applied  # fmt: skip
+    assert len(applied) == 3, applied
+
+
+async def _applied(lines: list[str], what: str) -> bool:
+    return any(line.startswith("applied ") and what in line for line in lines)

@@ -170,8 +170,19 @@ def test_dev_ctrl_c_stops_everything(tmp_path: Path) -> None:
             if "no checkpoint" in line or "replicator starting" in line:
                 break
         out = "".join(seen)
-        assert "insert a mood" in out, out
-        assert "listRecords" in out, out
+        assert "listRecords" in out and "insert_one" in out, out
+        env_file = tmp_path / "state" / "dev.env"
+        exports = env_file.read_text()
+        for name in ("MONGODB_CONNECTION_STRING", "MONGODB_NAME", "PDS_URL", "REPLICATOR_PLC_URL",
+                     "PDS_ADMIN_PASSWORD"):  # fmt: skip
+            assert f"export {name}=" in exports and f"export {name}=" in out, (name, out)
+        assert "database  aesthetic_dev" in out
+        # A second one beside it: one line, not a WiredTiger traceback.
+        second = subprocess.run([sys.executable, "-m", "replicator.cli", "dev"], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert "another `replicator dev` is running" in second.stderr
         children = [
             int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
@@ -216,3 +227,17 @@ def test_a_forked_child_does_not_stop_the_parents_servers(stack: LocalStack) -> 
     time.sleep(0.5)
     assert stack.mongo.child is not None and stack.mongo.child.alive()
     assert stack.pds.child is not None and stack.pds.child.alive()
+
+
+def test_dev_keeps_its_ports_from_its_env_file(tmp_path: Path) -> None:
+    from replicator.devstack.dev import _last_ports
+
+    env = tmp_path / "dev.env"
+    env.write_text(
+        "export MONGODB_CONNECTION_STRING='mongodb://127.0.0.1:41001/?directConnection=true'\n"
+        "export MONGODB_NAME=aesthetic_dev\nexport PDS_URL=http://localhost:41002\n"
+        "export REPLICATOR_PLC_URL=http://localhost:41003\n"
+        "export REPLICATOR_HTTP_ADDR=127.0.0.1:41004\n"
+    )
+    assert _last_ports(env) == {"mongo": 41001, "pds": 41002, "plc": 41003, "http": 41004}
+    assert _last_ports(tmp_path / "missing.env") == {}

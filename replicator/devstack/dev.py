@@ -1,21 +1,33 @@
-"""`replicator dev`: the whole thing on one machine, in the foreground."""
+"""`replicator dev`: the whole thing on one machine, in the foreground.
+
+It prints (and writes to `.state/dev.env`) the `export` lines every other command needs to
+talk to this stack, and keeps its ports from one start to the next when they are free (the
+demo user's sub and DID are new each time: the local PDS and its PLC start empty). One
+`replicator dev` at a time per state directory: a second one says so in one line.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
+import shlex
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import click
 
 from ..config import Settings
+from ..errors import Unavailable
 from ..identity import PUBLIC_PLC
 from ..runtime import open_runtime
 from ..store import Store, open_client
-from .procs import free_port
+from .procs import free_port, port_open
 from .seed import insert_mood, seed_user
+from .servers import LOCAL_PDS_ADMIN_PASSWORD
 from .stack import LocalStack
 
 DEMO_MOODS = ["first mood from the local stack", "multi-line\nmood ✨", "🌈 unicode works"]
@@ -23,15 +35,23 @@ DEMO_MOODS = ["first mood from the local stack", "multi-line\nmood ✨", "🌈 u
 
 def run_dev(db_name: str, *, run_replicator_too: bool = True) -> int:
     stack = LocalStack.from_env()
+    lock = _only_one(stack.state)
+    last = _last_ports(stack.state / ENV_FILE)
+    stack.prefer = last
     click.echo("starting the local stack (MongoDB wire-protocol server + reference PDS)...")
-    with stack:
+    with lock, stack:
         assert stack.mongodb_uri is not None and stack.pds_url is not None
         # Free ports for everything, the metrics endpoint included (9464 may be taken).
-        http_addr = os.environ.get("REPLICATOR_HTTP_ADDR") or f"127.0.0.1:{free_port()}"
+        http_port = last.get("http", 0)
+        if not http_port or port_open("127.0.0.1", http_port):
+            http_port = free_port()
+        http_addr = os.environ.get("REPLICATOR_HTTP_ADDR") or f"127.0.0.1:{http_port}"
         settings = Settings(stack.mongodb_uri, db_name, stack.pds_url, http_addr=http_addr,
                             plc_url=stack.plc_url or PUBLIC_PLC)  # fmt: skip
         demo = anyio.run(_seed, settings, stack.pds_admin_password)
-        _print_banner(settings, demo, metrics=run_replicator_too)
+        exports = _exports(settings, stack.pds_admin_password)
+        (stack.state / ENV_FILE).write_text(exports + "\n")
+        _print_banner(settings, demo, exports, stack.state / ENV_FILE, metrics=run_replicator_too)
         if not run_replicator_too:
             click.echo("\n--no-run: the stack stays up until Ctrl-C")
             with contextlib.suppress(KeyboardInterrupt):
@@ -67,7 +87,84 @@ async def _seed(settings: Settings, admin_password: str | None) -> dict[str, str
         return {"sub": user.sub, "did": user.did or "", "handle": user.handle}
 
 
-def _print_banner(settings: Settings, demo: dict[str, str], *, metrics: bool) -> None:
+ENV_FILE = "dev.env"
+
+
+def _only_one(state: Path) -> FileLock:
+    """Held for the life of this `replicator dev`: a second one in the same state directory
+    (its MongoDB data is in use) is an `Unavailable` error, one line."""
+    state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(state / "dev.lock")
+    if not lock.acquire():
+        raise Unavailable(
+            f"another `replicator dev` is running with the state in {state} (its MongoDB data "
+            "is in use): stop it (Ctrl-C there), use its stack (`source "
+            f"{state / ENV_FILE}`), or give this one its own with REPLICATOR_STATE_DIR=<dir>"
+        )
+    return lock
+
+
+class FileLock:
+    """An exclusive, non-blocking `flock` on a file, released when the process ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a+")
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return True
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+_PORT_OF = {"MONGODB_CONNECTION_STRING": "mongo", "PDS_URL": "pds", "REPLICATOR_PLC_URL": "plc",
+            "REPLICATOR_HTTP_ADDR": "http"}  # fmt: skip
+
+
+def _last_ports(path: Path) -> dict[str, int]:
+    """The ports the last `replicator dev` wrote to its env file (none: a first start)."""
+    ports: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            value = value.strip().strip("'")
+            found = re.search(r":(\d+)", value)
+            if found is None:
+                continue
+            name = _PORT_OF.get(key)
+            if name:
+                ports[name] = int(found[1])
+    return ports
+
+
+def _exports(settings: Settings, admin_password: str | None) -> str:
+    """What `status`, `audit`, `backfill`, `check` and the rest need to reach this stack."""
+    values = {
+        "MONGODB_CONNECTION_STRING": settings.mongodb_uri,
+        "MONGODB_NAME": settings.db_name,
+        "PDS_URL": settings.pds_url,
+        "REPLICATOR_PLC_URL": settings.plc_url,
+        "REPLICATOR_HTTP_ADDR": settings.http_addr,
+        "PDS_ADMIN_PASSWORD": admin_password or "",
+    }
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items() if v)
+
+
+def _print_banner(
+    settings: Settings, demo: dict[str, str], exports: str, env_file: Path, *, metrics: bool
+) -> None:
     py = sys.executable
     uri, db, moods = settings.mongodb_uri, settings.db_name, settings.names.moods
     insert = (
@@ -85,14 +182,20 @@ def _print_banner(settings: Settings, demo: dict[str, str], *, metrics: bool) ->
     click.echo(
         f"""
 local stack is up
-  MongoDB   {uri}  (db {db!r})
-  PDS       {settings.pds_url}
+  MongoDB   {uri}
+  database  {db}
+  PDS       {settings.pds_url}  (admin password: {LOCAL_PDS_ADMIN_PASSWORD}, local only)
+  PLC       {settings.plc_url}
 {served}  demo user {demo["handle"]}  sub {demo["sub"]}  did {demo["did"]}
             {len(DEMO_MOODS)} moods seeded and mirrored; a user without an ATProto account too
+            (new each start: the local PDS starts empty; the ports stay when they are free)
 
-insert a mood (in another terminal):
+for every other command, in another terminal (also in {env_file}: `source` it):
+{exports}
+
+then, for example:
+  replicator status
   {insert}
-see the records on the PDS:
   {listing}
 
 Ctrl-C stops the replicator and the servers.

@@ -60,6 +60,7 @@ class EmbeddedMongo:
     port: int = 0
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
+    prefer: int = 0  # a first start's port when it is free (`replicator dev` keeps its own)
     child: Child | None = field(default=None, init=False)
 
     @property
@@ -74,7 +75,8 @@ class EmbeddedMongo:
 
         def spawn(attempt: int) -> tuple[Child, Callable[[], bool], str]:
             if not self.port or (attempt and not keep):
-                self.port = free_port(self.host)
+                free = self.prefer and not attempt and not port_open(self.host, self.prefer)
+                self.port = self.prefer if free else free_port(self.host)
             argv = [
                 str(secantus_binary()), "--host", self.host, "--port", str(self.port),
                 "--storage-path", str(self.data_dir / "wt"), "--sync-on-commit",
@@ -124,6 +126,7 @@ class LocalPDS:
     # bypass key (`PDS_RATE_LIMIT_BYPASS_KEY`) when given: for the tests that need them.
     rate_limits: bool = False
     bypass_key: str | None = None
+    prefer: tuple[int, int] = (0, 0)  # a first start's PDS and PLC ports, when they are free
     child: Child | None = field(default=None, init=False)
 
     @property
@@ -143,6 +146,8 @@ class LocalPDS:
         def spawn(attempt: int) -> tuple[Child, Callable[[], bool], str]:
             if not self.port or (attempt and not keep):
                 self.port, self.plc_port = free_port(), free_port()
+                if not attempt and all(p and not port_open("127.0.0.1", p) for p in self.prefer):
+                    self.port, self.plc_port = self.prefer
             self.plc_port = self.plc_port or free_port()
             env = npm_env()
             env.update(PDS_PORT=str(self.port), PLC_PORT=str(self.plc_port), LOG_ENABLED="false")

@@ -25,6 +25,8 @@ class LocalStack:
     pds_admin_password: str | None = None
     plc_url: str | None = None
     state: Path = field(default_factory=state_dir)
+    # Ports a first start takes when they are free: `replicator dev` keeps its last ones.
+    prefer: dict[str, int] = field(default_factory=dict)
     mongo: EmbeddedMongo | None = field(default=None, init=False)
     pds: LocalPDS | None = field(default=None, init=False)
 
@@ -49,10 +51,13 @@ class LocalStack:
         _stop_on_signals(self)
         try:
             if self.mongodb_uri is None:
-                self.mongo = EmbeddedMongo(self.state / "mongo").start()
+                self.mongo = EmbeddedMongo(
+                    self.state / "mongo", prefer=self.prefer.get("mongo", 0)
+                ).start()
                 self.mongodb_uri = self.mongo.uri
             if self.pds_url is None:
-                self.pds = LocalPDS(self.state / "logs").start()
+                prefer = (self.prefer.get("pds", 0), self.prefer.get("plc", 0))
+                self.pds = LocalPDS(self.state / "logs", prefer=prefer).start()
                 self.pds_url = self.pds.url
                 self.pds_admin_password = self.pds.admin_password
                 self.plc_url = self.pds.plc_url
