@@ -51,6 +51,13 @@ HTTP_SCHEMES = ("https", "http")
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 
 
+def _loopback(where: str) -> bool:
+    """A host on this machine, as a dev PDS or PLC is: served over plain http."""
+    host = where.split("/")[0].rsplit("@")[-1]
+    host = host[1:].split("]")[0] if host.startswith("[") else host.split(":")[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def check_url(setting: str, value: str, schemes: tuple[str, ...] = HTTP_SCHEMES) -> str:
     """`value` if it has one of `schemes` and a host, else `ConfigError` naming `setting`.
 
@@ -64,7 +71,9 @@ def check_url(setting: str, value: str, schemes: tuple[str, ...] = HTTP_SCHEMES)
         except ValueError:
             host = None
     if parts.scheme.lower() not in schemes or not host:
-        example = f"{schemes[0]}://{value.split('://')[-1].lstrip('/') or 'host'}"
+        rest = value.split("://")[-1].lstrip("/") or "host"
+        scheme = "http" if "http" in schemes and _loopback(rest) else schemes[0]
+        example = f"{scheme}://{rest}"
         raise ConfigError(
             f"{setting} {redact_uri(value)!r} is not a URL with a scheme ({', '.join(schemes)}) "
             f"and a host (and a numeric port, if any): e.g. {redact_uri(example)!r}"

@@ -18,7 +18,8 @@ _SECRET_PATTERNS = [
     re.compile(
         r"(?i)(password|passwd|pwd|accessJwt|refreshJwt|token|authorization|bearer"
         r"|ratelimit-bypass|bypass[_ ]key)"
-        r"(['\"]?\s*[:=]\s*|\s+)(?:(?:bearer|basic)\s+)?"
+        # a key and its value: `:` or `=` between them; only a bearer token follows a space
+        r"(['\"]?\s*[:=]\s*|(?<=bearer)\s+|(?<=authorization)\s+)(?:(?:bearer|basic)\s+)?"
         # a quoted value whole (passwords may hold spaces and escaped quotes), else one word
         r"(\"(?:[^\"\\]|\\.)*\"?|'(?:[^'\\]|\\.)*'?|[^\s'\",}]+)"
     ),

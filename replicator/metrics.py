@@ -19,7 +19,14 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.process_collector import ProcessCollector
 
 from .logs import redact
@@ -29,6 +36,7 @@ if TYPE_CHECKING:  # the core imports this module: no runtime import back into i
     from .pds import XrpcError
     from .store import Store
 
+disable_created_metrics()  # a `*_created` series per counter is noise on every dashboard
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # memory, CPU, open fds: for "is it leaking"
 
@@ -145,6 +153,12 @@ REPAIRS = Counter(
     registry=REGISTRY,
 )
 INFO = Info("replicator", "Version and mode (live or dry-run).", registry=REGISTRY)
+RETRY_REASONS = ("rate_limited", "server_error", "no_answer")
+REPAIR_OPERATIONS = ("put", "delete", "delete_orphan")
+for _reason in RETRY_REASONS:  # exported at 0 from the start: rate() and alerts need a series
+    RETRIES.labels(_reason)
+for _operation in REPAIR_OPERATIONS:
+    REPAIRS.labels(_operation)
 
 # Outcomes that count as a failed sync (the alert's and the launch figures' numerator).
 FAILED_OUTCOMES = ("failed", "invalid")
@@ -243,7 +257,7 @@ def observe_retry(exc: XrpcError) -> None:
 def observe_repairs(counts: Mapping[str, int]) -> None:
     """For `audit --fix`: the writes (`put`, `delete`, `delete_orphan` counts) that repaired
     divergences. Kept apart from a backfill's writes, which are the first mirror, not repairs."""
-    for key in ("put", "delete", "delete_orphan"):
+    for key in REPAIR_OPERATIONS:
         n = int(counts.get(key, 0))
         if n > 0:
             REPAIRS.labels(key).inc(n)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 from bson import ObjectId
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import preflight as judge
 from .config import Settings
@@ -32,7 +32,7 @@ from .logs import redact, redact_uri
 from .pds import Pds
 from .preflight import Result
 from .sessions import SessionPool
-from .store import Store, account_from_user, connect, mongo_problem
+from .store import Store, account_from_user, connect, mongo_problem, unreachable
 
 # A preflight gives up on a PDS that stays unreachable; the sidecar would retry for ever.
 PDS_TIMEOUT = 10.0
@@ -47,6 +47,8 @@ def mongo_error(exc: BaseException) -> str:
         details = exc.details or {}
         code = details.get("codeName") or exc.code
         return redact(f"{code}: {details.get('errmsg') or exc}")
+    if isinstance(exc, ConnectionFailure):
+        return redact(unreachable(exc))
     return redact(f"{type(exc).__name__}: {str(exc).split(', Timeout:')[0]}")
 
 

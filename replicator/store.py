@@ -140,6 +140,14 @@ async def open_client(uri: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
             await client.close()
 
 
+def unreachable(exc: ConnectionFailure, uri: str = "") -> str:
+    """The driver's connection error in one line: which host said what, without the topology
+    dump and the timeouts it appends."""
+    text = str(exc).replace(uri, redact_uri(uri)) if uri else str(exc)
+    reason = re.sub(r" \(configured timeouts:[^)]*\)", "", text.split(", Timeout:")[0])
+    return f"no server reachable ({reason.rstrip('.')})"
+
+
 def mongo_problem(exc: PyMongoError, uri: str) -> OperatorError | None:
     """What the operator should check for `exc`, or None when it is not a problem of the
     deployment (a bug, a conflict: those keep their traceback). Never holds the password."""
@@ -155,9 +163,8 @@ def mongo_problem(exc: PyMongoError, uri: str) -> OperatorError | None:
             )
         return ConfigError(f"{where}: {text}: check the URI's options")
     if isinstance(exc, ConnectionFailure):
-        reason = re.sub(r" \(configured timeouts:[^)]*\)", "", text.split(", Timeout:")[0])
         return Unavailable(
-            f"{where}: no server reachable ({reason}): check the host and port, that MongoDB "
+            f"{where}: {unreachable(exc, uri)}: check the host and port, that MongoDB "
             "runs, and the network path (firewall, Atlas IP access list, TLS options)"
         )
     if isinstance(exc, OperationFailure) and exc.code in _AUTH_FAILED:

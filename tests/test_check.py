@@ -278,6 +278,9 @@ def test_an_unreachable_mongodb_is_one_failure(settings: Settings) -> None:
     mongodb = got.checks["mongodb"]
     assert mongodb["status"] == "fail"
     assert f"mongodb://rep:***@127.0.0.1:{port}" in mongodb["detail"]
+    assert "no server reachable" in mongodb["detail"]  # what `run` says, not the driver's dump
+    assert "ServerSelectionTimeoutError" not in mongodb["detail"]
+    assert "configured timeouts" not in mongodb["detail"]
     assert "MONGODB_CONNECTION_STRING" in mongodb["fix"]
     assert secret not in got.stdout + got.stderr
     assert not any(n in got.checks for n in MONGO_CHECKS[1:])

@@ -250,3 +250,25 @@ def test_a_refusing_port_refuses() -> None:
     port = free_port()
     with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
         sock.connect(("127.0.0.1", port))
+
+
+async def test_a_directory_without_the_accounts_is_one_check_warning_and_no_log_line(
+    settings: Settings, users: Users, rt: Runtime
+) -> None:
+    """A directory that answers 404 for every DID (the public one, asked about the dev PLC's
+    accounts; here the PDS, which has no such path) is an answer, not an outage: nothing is
+    logged, the DID counts as unknown, and `check` says which setting to look at."""
+    import httpx
+
+    from replicator.identity import Directory as Real
+
+    who = await users.make()
+    wrong = settings.pds_url
+    with warnings() as seen:
+        async with httpx.AsyncClient() as http:
+            assert await Real(http, wrong).fetch(who.did or "") is None
+    assert seen == []
+    got = run_check(env_for(with_settings(settings, plc_url=wrong)), "--outage-hours", "0")
+    line = got.checks["did directory"]
+    assert line["status"] == "warn" and "has no document" in line["detail"], line
+    assert "REPLICATOR_PLC_URL" in line["fix"]

@@ -217,6 +217,23 @@ async def test_retry_of_an_id_that_is_not_an_objectid(rt: Runtime, users: Users)
     assert await rt.store.dead_letter_count() == 0
 
 
+async def test_a_string_id_is_found_as_typed_without_its_quotes(rt: Runtime, users: Users) -> None:
+    """`dlq list` shows `'legacy-3'` (the repr, as an int `_id` would be `42`); `mood-3` typed
+    bare in a shell (where the quotes vanish) names it as well."""
+    user = await users.make()
+    await rt.store.moods.insert_many(
+        [{"_id": key, "user": user.sub, "mood": "x"} for key in ("legacy-3", "legacy-4")]
+    )
+    await rt.applier.reconcile_user(user.sub)
+    retried = await dlq(rt, "retry", "legacy-3")
+    assert "'legacy-3': still failing (attempt 2): _id is not an ObjectId" in retried.out, retried
+    dropped = await dlq(rt, "drop", "legacy-3", "'legacy-4'", "legacy-5")
+    assert dropped.code == 1, dropped
+    assert "dropped 2 dead letters" in dropped.out
+    assert "legacy-5: not in the dead-letter queue" in dropped.err
+    assert await rt.store.dead_letter_count() == 0
+
+
 async def test_drop_removes_entries_and_never_touches_moods(rt: Runtime, users: Users) -> None:
     user = await users.make()
     ids = [await mood(rt, user, "") for _ in range(3)]

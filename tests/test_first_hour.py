@@ -173,6 +173,24 @@ def test_a_bad_url_is_a_usage_error_before_anything_is_contacted(
     assert "MongoDB" not in line  # refused before any connection was tried
 
 
+@pytest.mark.parametrize(
+    ("value", "example"),
+    [
+        ("localhost:2583", "'http://localhost:2583'"),
+        ("127.0.0.1:2583/", "'http://127.0.0.1:2583/'"),
+        ("[::1]:2583", "'http://[::1]:2583'"),
+        ("pds.example", "'https://pds.example'"),
+        ("localhost.example.com", "'https://localhost.example.com'"),
+    ],
+)
+def test_the_no_scheme_hint_suggests_http_for_this_machine(value: str, example: str) -> None:
+    """A dev PDS on this machine speaks plain http; a hint of https there would fail too."""
+    from replicator.config import check_url
+
+    with pytest.raises(ConfigError, match=re.escape(f"e.g. {example}")):
+        check_url("PDS_URL", value)
+
+
 def test_a_bad_metrics_address_is_a_usage_error() -> None:
     env = bare_env(MONGODB_CONNECTION_STRING="mongodb://127.0.0.1:1/", PDS_URL="https://pds")
     out = replicator("run", "--http-addr", "localhost", env=env)

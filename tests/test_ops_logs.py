@@ -52,6 +52,8 @@ def test_json_mode_emits_one_json_object_per_line_with_mood_and_did(
         (f"accessJwt={JWT}", JWT),
         ("authorization: Bearer opaque-token-123", "opaque-token-123"),
         ("mongodb://app:s3cr3t@db.example:27017/aesthetic", "s3cr3t"),
+        ("GET with Bearer opaque-token-456", "opaque-token-456"),
+        ("password = 'hunter3'", "hunter3"),
     ],
 )
 def test_secrets_in_messages_are_redacted(
@@ -63,6 +65,24 @@ def test_secrets_in_messages_are_redacted(
         err = capsys.readouterr().err
         assert secret not in err
         assert "***" in err
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "PDS refused the account's password (AuthenticationRequired)",
+        "the session token expired; logging in again",
+        "no password stored for this user",
+    ],
+)
+def test_words_after_password_or_token_are_not_secrets(
+    capsys: pytest.CaptureFixture[str], message: str
+) -> None:
+    """Only a value given to the key (`:` or `=`, or a bearer token) is masked: the reason
+    that follows the word "password" in a sentence is what an operator needs to read."""
+    logs.setup(fmt="text")
+    logger.error("{}", message)
+    assert message in capsys.readouterr().err
 
 
 def test_an_exception_is_logged_without_traceback_or_secret(

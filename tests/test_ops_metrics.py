@@ -116,6 +116,11 @@ async def test_health_ready_metrics_and_status_follow_the_replicator(
             )
             assert put_calls >= 1
             assert value(text, "replicator_stream_open") == 1
+            assert "_created" not in text  # no creation-time series beside each counter
+            for reason in ("rate_limited", "server_error", "no_answer"):  # there before use
+                assert f'replicator_pds_retries_total{{reason="{reason}"}}' in text
+            for operation in ("put", "delete", "delete_orphan"):
+                assert f'replicator_repairs_total{{operation="{operation}"}}' in text
             assert value(text, "replicator_ready") == 1
             assert value(text, "replicator_pds_up") == 1
             assert value(text, "replicator_apply_duration_seconds_count") >= 1

@@ -148,7 +148,11 @@ def test_errors_are_one_short_line_without_secrets() -> None:
     refused = OperationFailure("x", 13, {"codeName": "Unauthorized", "errmsg": "not authorized"})
     assert mongo_error(refused) == "Unauthorized: not authorized"
     timeout = ServerSelectionTimeoutError("db:27017: [Errno 111] refused, Timeout: 10s, ...")
-    assert mongo_error(timeout) == "ServerSelectionTimeoutError: db:27017: [Errno 111] refused"
+    assert mongo_error(timeout) == "no server reachable (db:27017: [Errno 111] refused)"
+    dumped = ServerSelectionTimeoutError(
+        "db:27017: [Errno 111] refused (configured timeouts: socketTimeoutMS: 20000.0ms)"
+    )
+    assert mongo_error(dumped) == "no server reachable (db:27017: [Errno 111] refused)"
     login = AuthFailed("com.atproto.server.createSession", 401, "AuthenticationRequired",
                        'Invalid identifier or password "hunter2"')  # fmt: skip
     assert pds_error(login) == "the PDS refused its credentials (AuthenticationRequired)"

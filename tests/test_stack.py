@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -241,3 +242,30 @@ def test_dev_keeps_its_ports_from_its_env_file(tmp_path: Path) -> None:
     )
     assert _last_ports(env) == {"mongo": 41001, "pds": 41002, "plc": 41003, "http": 41004}
     assert _last_ports(tmp_path / "missing.env") == {}
+
+
+def test_npm_ci_shows_its_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 2-minute install says how far it is: packages unpacked of the lockfile's (the
+    per-OS optional ones not counted), every 15 s when stderr is a log, and when done."""
+    from replicator.devstack import node
+
+    lock = {"packages": {"": {}, "node_modules/a": {}, "node_modules/b": {},
+                         "node_modules/mac-only": {"optional": True}}}  # fmt: skip
+    (tmp_path / "package-lock.json").write_text(json.dumps(lock))
+    (tmp_path / "node_modules" / "a").mkdir(parents=True)
+    monkeypatch.setattr(node, "PDS_DIR", tmp_path)
+    monkeypatch.setattr(node, "_last_progress", [0.0])
+    node._required_packages.cache_clear()
+    try:
+        for elapsed in (0.5, 5.0, 16.0, 20.0):
+            node._progress(elapsed)
+        (tmp_path / "node_modules" / "b").mkdir()
+        node._progress(21.0, done=True)
+    finally:
+        node._required_packages.cache_clear()
+    assert capsys.readouterr().err.splitlines() == [
+        "  npm ci: 1 of 2 packages, 16s",
+        "  npm ci: 2 of 2 packages, 21s, done",
+    ]

@@ -228,13 +228,9 @@ async def _retry(
         store = rt.store
         if all_:
             letters = [d async for d in store.dead_letters.find({}).sort("first_at", 1)]
+            missing: list[str] = []
         else:
-            keys = list(dict.fromkeys(keys))
-            found = {
-                str(d["_id"]): d async for d in store.dead_letters.find({"_id": {"$in": keys}})
-            }
-            letters = [found[k] for k in keys if k in found]
-        missing = [] if all_ else [k for k in keys if k not in {str(d["_id"]) for d in letters}]
+            letters, missing = await _letters(store, keys)
         by_oid = {ObjectId(str(d["_id"])): d for d in letters if _is_oid(d["_id"])}
         others = [d for d in letters if not _is_oid(d["_id"])]
         results: list[RetryResult] = []
@@ -331,10 +327,9 @@ def drop(ids: tuple[str, ...], all_: bool, yes: bool, **kw: Any) -> None:
 async def _drop(store: Store, keys: list[str], all_: bool) -> tuple[int, list[str]]:
     if all_:
         return (await store.dead_letters.delete_many({})).deleted_count, []
-    keys = list(dict.fromkeys(keys))
-    found = {str(d["_id"]) async for d in store.dead_letters.find({"_id": {"$in": keys}})}
-    result = await store.dead_letters.delete_many({"_id": {"$in": sorted(found)}})
-    return result.deleted_count, [k for k in keys if k not in found]
+    letters, missing = await _letters(store, keys)
+    result = await store.dead_letters.delete_many({"_id": {"$in": [d["_id"] for d in letters]}})
+    return result.deleted_count, missing
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -348,6 +343,24 @@ def _run(fn: Any, uri: str, db: str, names: Names, empty_ok: bool, *args: Any) -
             return await fn(store, *args)
 
     return anyio.run(go)
+
+
+async def _letters(store: Store, keys: list[str]) -> tuple[list[Doc], list[str]]:
+    """The dead letters these IDs name, and the IDs that name none. A mood whose `_id` is not
+    an ObjectId is filed under its repr (`'mood-1'`); typed bare (`mood-1`) it is found too."""
+    keys = list(dict.fromkeys(keys))
+    either = {key: (key, repr(key)) for key in keys}
+    wanted = [k for pair in either.values() for k in pair]
+    found = {str(d["_id"]): d async for d in store.dead_letters.find({"_id": {"$in": wanted}})}
+    letters: list[Doc] = []
+    missing: list[str] = []
+    for key, pair in either.items():
+        hit = next((found[k] for k in pair if k in found), None)
+        if hit is None:
+            missing.append(key)
+        elif all(hit is not d for d in letters):
+            letters.append(hit)
+    return letters, missing
 
 
 def _is_oid(key: Any) -> bool:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import orjson
 
 PDS_DIR = Path(__file__).parent / "pds"
 NODE_MODULES = PDS_DIR / "node_modules"
@@ -57,17 +62,47 @@ def install_pds(*, quiet: bool = False) -> None:
         raise NodeUnavailableError(f"npm not found at {npm_cli}")
     if not quiet:
         print("installing the reference PDS (npm ci, about 2 minutes)...", file=sys.stderr)
-    out = subprocess.run(
-        [str(node_binary()), str(npm_cli), "ci", "--no-audit", "--no-fund"],
-        cwd=PDS_DIR,
-        env=npm_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0 or not pds_installed():
-        tail = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
-        raise NodeUnavailableError(f"npm ci failed in {PDS_DIR} (exit {out.returncode}):\n{tail}")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [str(node_binary()), str(npm_cli), "ci", "--no-audit", "--no-fund"],
+            cwd=PDS_DIR, env=npm_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if not quiet:
+                _progress(time.monotonic() - started)
+        if not quiet:
+            _progress(time.monotonic() - started, done=True)
+        log.seek(0)
+        tail = "\n".join(log.read().splitlines()[-20:])
+    if proc.returncode != 0 or not pds_installed():
+        raise NodeUnavailableError(f"npm ci failed in {PDS_DIR} (exit {proc.returncode}):\n{tail}")
+
+
+_last_progress = [0.0]
+
+
+@functools.cache
+def _required_packages() -> list[str]:
+    """The lockfile's packages that every platform installs (optional ones are per OS)."""
+    lock = orjson.loads((PDS_DIR / "package-lock.json").read_bytes()).get("packages", {})
+    return [path for path, meta in lock.items() if path and not meta.get("optional")]
+
+
+def _progress(elapsed: float, *, done: bool = False) -> None:
+    """Packages unpacked so far of the lockfile's, then the native build: on one line that
+    updates itself on a terminal, every 15 s in a log."""
+    wanted = _required_packages()
+    unpacked = sum(1 for path in wanted if (PDS_DIR / path).is_dir())
+    line = f"  npm ci: {unpacked} of {len(wanted)} packages, {elapsed:.0f}s"
+    if done:
+        line += ", done"
+    if sys.stderr.isatty():
+        print(f"\r{line}", end="\n" if done else "", file=sys.stderr, flush=True)
+    elif done or elapsed - _last_progress[0] >= 15:
+        _last_progress[0] = elapsed
+        print(line, file=sys.stderr, flush=True)
 
 
 def ensure_pds_installed(*, quiet: bool = False) -> None:
