@@ -705,3 +705,33 @@ async def _idle(replicator: Any) -> bool:
 async def _gauge_is(url: str, reason: str, expected: float) -> bool:
     text = (await get(f"{url}/metrics")).text
     return value(text, "replicator_parked_accounts", reason=reason) == expected
+
+
+async def test_an_app_password_in_users_is_enough(rt: Runtime, users: Users) -> None:
+    """`atproto.password` may be an app password (Settings → App passwords, or
+    `createAppPassword`): it logs in and writes records, creates, edits and deletes alike."""
+    hal = await users.make()
+    assert hal.did and hal.password
+    async with httpx.AsyncClient(base_url=f"{rt.settings.pds_url}/xrpc/") as http:
+        login = await http.post("com.atproto.server.createSession",
+                                json={"identifier": hal.did, "password": hal.password})  # fmt: skip
+        made = await http.post(
+            "com.atproto.server.createAppPassword", json={"name": "moods-replicator"},
+            headers={"authorization": f"Bearer {login.json()['accessJwt']}"},
+        )  # fmt: skip
+        made.raise_for_status()
+    app_password = made.json()["password"]
+    await rt.store.users.update_one({"_id": hal.sub}, {"$set": {"atproto.password": app_password}})
+    async with running(rt):
+        mood = await insert_mood(rt.store, hal.sub, "written with an app password")
+        await eventually(lambda: exactly(rt, hal, 1), 30, "created")
+        await rt.store.moods.update_one({"_id": mood}, {"$set": {"mood": "and edited"}})
+
+        async def edited() -> bool:
+            got = await records(rt.settings.pds_url, hal.did or "")
+            return [r["mood"] for r in got.values()] == ["and edited"]
+
+        await eventually(edited, 30, "edited")
+        await rt.store.moods.update_one({"_id": mood}, {"$set": {"deleted": True}})
+        await eventually(lambda: exactly(rt, hal, 0), 30, "deleted")
+    assert await rt.store.dead_letter_count() == 0

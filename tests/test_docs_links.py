@@ -86,8 +86,17 @@ def test_the_deploy_guides_manifests_match_the_process() -> None:
     time enough for a SIGTERM (the batch abandoned after `shutdown_grace`, then at most
     `shutdown_grace` + 5 s more to close: `cli._exit_within`)."""
     text = (ROOT / "docs/deploy.md").read_text()
-    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
+    found = re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)
+    blocks = [doc for block in found for doc in yaml.safe_load_all(block)]
     (deployment,) = [b for b in blocks if b.get("kind") == "Deployment"]
+    secret = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    (job,) = [b for b in blocks if b.get("kind") == "Job"]
+    (cron,) = [b for b in blocks if b.get("kind") == "CronJob"]
+    cron_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for pod, command in ((job["spec"]["template"]["spec"], "backfill"), (cron_pod, "audit")):
+        (one,) = pod["containers"]
+        assert one["args"][0] == command and one["envFrom"] == secret
+        assert pod["restartPolicy"] == "Never"  # exit 1 is a finding: not restarted in place
     spec = deployment["spec"]
     assert spec["strategy"]["type"] == "Recreate" and spec["replicas"] == 1
     pod = spec["template"]["spec"]
