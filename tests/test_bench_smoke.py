@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -91,21 +92,7 @@ def test_bench_burst_measures_its_shape_and_the_pds_at_it(
     stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The burst's commits are counted from the replicator's own calls and (a) replays them."""
-    assert stack.mongodb_uri is not None and stack.pds_url is not None
-    monkeypatch.setenv("REPLICATOR_STATE_DIR", str(tmp_path / "state"))
-    if stack.pds_admin_password:
-        monkeypatch.setenv("PDS_ADMIN_PASSWORD", stack.pds_admin_password)
-    if stack.plc_url:
-        monkeypatch.setenv("REPLICATOR_PLC_URL", stack.plc_url)
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        main,
-        ["bench", "--quick", "--only", "burst", "--moods", "40", "--users", "4",
-         "--seconds", "1", "--mongodb-uri", stack.mongodb_uri, "--pds-url", stack.pds_url,
-         "--json", str(out)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = _bench_on_the_stack(stack, tmp_path, monkeypatch, "burst")
     assert report["only"] == ["burst"]
     burst, at_shape = report["results"]["c_burst"], report["results"]["a_burst_shape"]
     shape = burst["shape"]
@@ -131,6 +118,21 @@ def test_bench_backfill_measures_its_mongodb_ceiling(
 ) -> None:
     """The backfill again with a null PDS (its MongoDB work alone), and the ratio against the
     lower of that and the PDS at the backfill's shape."""
+    report = _bench_on_the_stack(stack, tmp_path, monkeypatch, "backfill")
+    real, ceiling = report["results"]["c_backfill"], report["results"]["m_backfill"]
+    assert real["written"] == ceiling["written"] == 40
+    assert ceiling["firehose_commits"] == 0  # nothing reached the PDS: answered in-process
+    assert ceiling["commits"] == real["commits"]  # the same commands
+    lower = min(ceiling["records_per_s"], report["results"]["a_backfill_shape"]["records_per_s"])
+    assert report["ratios"]["backfill/lower_ceiling"] == round(real["records_per_s"] / lower, 2)
+    assert "MongoDB ceiling: the backfill" in [r["measure"] for r in report["table"]][1]
+
+
+def _bench_on_the_stack(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, only: str
+) -> dict[str, Any]:
+    """`replicator bench --quick --only ONLY` (40 moods over 4 users) against the session's
+    stack; its JSON report."""
     assert stack.mongodb_uri is not None and stack.pds_url is not None
     monkeypatch.setenv("REPLICATOR_STATE_DIR", str(tmp_path / "state"))
     if stack.pds_admin_password:
@@ -140,16 +142,10 @@ def test_bench_backfill_measures_its_mongodb_ceiling(
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
         main,
-        ["bench", "--quick", "--only", "backfill", "--moods", "40", "--users", "4",
+        ["bench", "--quick", "--only", only, "--moods", "40", "--users", "4",
          "--seconds", "1", "--mongodb-uri", stack.mongodb_uri, "--pds-url", stack.pds_url,
          "--json", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    real, ceiling = report["results"]["c_backfill"], report["results"]["m_backfill"]
-    assert real["written"] == ceiling["written"] == 40
-    assert ceiling["firehose_commits"] == 0  # nothing reached the PDS: answered in-process
-    assert ceiling["commits"] == real["commits"]  # the same commands
-    lower = min(ceiling["records_per_s"], report["results"]["a_backfill_shape"]["records_per_s"])
-    assert report["ratios"]["backfill/lower_ceiling"] == round(real["records_per_s"] / lower, 2)
-    assert "MongoDB ceiling: the backfill" in [r["measure"] for r in report["table"]][1]
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report

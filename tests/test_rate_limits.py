@@ -81,13 +81,7 @@ async def test_the_bypass_key_lifts_the_limits_and_stays_secret(
     sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
     try:
         async with running(rt):
-            for i in range(40):
-                await insert_mood(rt.store, who.sub, f"with the key {i}")
-
-            async def mirrored() -> bool:
-                return len(await records(rt.settings.pds_url, who.did or "")) == 40
-
-            await eventually(mirrored, 30, "a burst mirrored with the bypass key")
+            await burst(rt, who, 40, "with the bypass key")
     finally:
         logger.remove(sink)
     assert rt.pds.budgets.remaining(who.did or "") is None  # no limit was counted or said
@@ -104,14 +98,19 @@ async def test_without_the_key_the_limits_hold_and_are_read(
             assert await logins(rt.pds, who, LOGINS_PER_5_MIN + 1) == LOGINS_PER_5_MIN
             writer = await user_on(rt, limited_pds)
             async with running(rt):
-                for i in range(10):
-                    await insert_mood(rt.store, writer.sub, f"without the key {i}")
-
-                async def mirrored() -> bool:
-                    return len(await records(rt.settings.pds_url, writer.did or "")) == 10
-
-                await eventually(mirrored, 30, "mirrored within the account's budget")
+                await burst(rt, writer, 10, "within the account's budget")
             left = rt.pds.budgets.remaining(writer.did or "")
             assert left is not None and left < 5000, left  # the hour's budget, as the PDS said
         finally:
             await rt.store.client.drop_database(limited.db_name)
+
+
+async def burst(rt: Runtime, who: SeededUser, n: int, how: str) -> None:
+    """`n` moods inserted for `who`, then waited for on the PDS."""
+    for i in range(n):
+        await insert_mood(rt.store, who.sub, f"{how} {i}")
+
+    async def mirrored() -> bool:
+        return len(await records(rt.settings.pds_url, who.did or "")) == n
+
+    await eventually(mirrored, 30, f"a burst mirrored {how}")
