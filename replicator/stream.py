@@ -571,11 +571,14 @@ def _log_batch(changes: int, counts: Mapping[str, int], oldest: float | None) ->
         f", {counts[k]} {word}" for k, word in (("parked", "parked"), ("mood_invalid", "invalid"))
         if counts.get(k)
     )  # fmt: skip
-    logger.info(
-        "applied {} change{}: {} created, {} updated, {} deleted{}; lag {:.1f}s",
-        changes, "" if changes == 1 else "s", counts.get("created", 0),
-        counts.get("updated", 0), counts.get("delete", 0) + counts.get("delete_orphan", 0),
-        trouble, lag,
+    created, updated = counts.get("created", 0), counts.get("updated", 0)
+    deleted = counts.get("delete", 0) + counts.get("delete_orphan", 0)
+    # A batch that asked the PDS for nothing (the echo of our own rkey write-back, an edit of
+    # a field the record does not carry) is not news at INFO.
+    level = "INFO" if created or updated or deleted or trouble else "DEBUG"
+    logger.log(
+        level, "applied {} change{}: {} created, {} updated, {} deleted{}; lag {:.1f}s",
+        changes, "" if changes == 1 else "s", created, updated, deleted, trouble, lag,
     )  # fmt: skip
 
 

@@ -490,7 +490,8 @@ async def _records_are(rt: Runtime, who: Any, n: int) -> bool:
 
 async def test_each_applied_batch_is_one_info_line(rt: Runtime, users: Users) -> None:
     """At INFO a newcomer sees their change arrive: one line a batch, saying what the PDS was
-    asked to create, update and delete, and how far behind MongoDB that was."""
+    asked to create, update and delete, and how far behind MongoDB that was (the echo of the
+    replicator's own rkey write-back, which asks nothing of the PDS, only at DEBUG)."""
     who = await users.make()
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
