@@ -43,6 +43,7 @@ from .ledger import sent_key as _key
 from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
+from .recordtypes import RecordType
 from .rollout import NOT_ENABLED
 from .store import Letter, Store, Written, sub_hash
 from .tasks import task_group
@@ -74,6 +75,7 @@ class Applier:
         store: Store,
         writer: RepoWriter,
         *,
+        kind: RecordType,
         gate: AccountGate | None = None,
         concurrency: int = 8,
         dry_run: bool = False,
@@ -83,6 +85,7 @@ class Applier:
     ) -> None:
         self.store = store
         self.writer = writer
+        self.kind = kind
         self.gate = gate
         self.dry_run = dry_run
         self.only_users = only_users
@@ -119,7 +122,8 @@ class Applier:
                 continue  # erased below, or erased already: nothing is recorded under them
             account = accounts.get(user) if user else None
             desired = [
-                desired_state(i, docs.get(i), has_account=account is not None) for i in mood_ids
+                desired_state(self.kind, i, docs.get(i), has_account=account is not None)
+                for i in mood_ids
             ]
             plans.append(plan_user(user, account, desired, ledger, tid.from_object_id))
         outcome, again = await self._execute(plans, ledger)
@@ -159,7 +163,7 @@ class Applier:
         before: dict[ObjectId, LedgerEntry] = {}
         for sub in subs:
             read, ledger, account = reads.get(sub, []), ledgers.get(sub, {}), accounts.get(sub)
-            outcome.snapshots[sub] = docs_fingerprint(read)
+            outcome.snapshots[sub] = docs_fingerprint(read, self.kind.fingerprint)
             if account is None:
                 if (credentials := await self._erased(sub, ledger)) is not None:
                     outcome.merge(await self._erase(sub, credentials, ledger))
@@ -171,19 +175,22 @@ class Applier:
                 if isinstance(d["_id"], ObjectId):
                     docs[d["_id"]] = d
                 elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
-                    reason = bad_id_reason(d["_id"])
+                    reason = bad_id_reason(d["_id"], self.kind)
                     await self.store.dead_letter(d["_id"], sub, None, reason, "invalid")
                 if not isinstance(d["_id"], ObjectId):  # a mood all the same: counted
                     outcome.counts["moods"] += 1
                     outcome.findings.append(
-                        Finding("invalid", None, None, None, bad_id_reason(d["_id"]))
+                        Finding("invalid", None, None, None, bad_id_reason(d["_id"], self.kind))
                     )
             if account is None and not self.dry_run:
                 # Letters of moods gone for good (their delete event lost, say): what may
                 # still name a user with no account, erased where no event said so.
                 await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
             ids = list(dict.fromkeys([*docs, *ledger]))
-            desired = [desired_state(i, docs.get(i), has_account=account is not None) for i in ids]
+            desired = [
+                desired_state(self.kind, i, docs.get(i), has_account=account is not None)
+                for i in ids
+            ]
             remote = listings.get(account.did) if account is not None else None
             plans.append(plan_user(
                 sub, account, desired, ledger, tid.from_object_id,
@@ -739,16 +746,10 @@ def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
     outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
 
 
-FINGERPRINTED = ("mood", "when", "deleted")
-
-
-def docs_fingerprint(docs: Sequence[Mapping[str, Any]]) -> str:
-    """What a concurrent writer could change in a user's moods (our own write-back aside):
-    `FINGERPRINTED` and the `_id`s."""
-    items = [
-        (str(d["_id"]), repr(d.get("mood")), repr(d.get("when")), repr(d.get("deleted")))
-        for d in docs
-    ]
+def docs_fingerprint(docs: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    """What a concurrent writer could change in a user's documents (our own write-back
+    aside): the type's `fingerprint` fields and the `_id`s."""
+    items = [(str(d["_id"]), *(repr(d.get(f)) for f in fields)) for d in docs]
     return hashlib.sha256(orjson.dumps(items)).hexdigest()
 
 

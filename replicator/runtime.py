@@ -17,6 +17,7 @@ from .identity import Directory
 from .lease import Fence, Lease
 from .logs import redact_uri
 from .pds import Pds
+from .recordtypes import MOOD
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
 from .store import Store, open_client
@@ -105,6 +106,7 @@ async def open_runtime(
             applier = Applier(
                 store,
                 writer,
+                kind=MOOD,
                 gate=gate,
                 concurrency=settings.concurrency,
                 dry_run=settings.dry_run,

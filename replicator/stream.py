@@ -424,7 +424,7 @@ class Replicator:
             elif op == "delete":  # never mirrorable, now gone: nothing left to report
                 await self.store.forget_dead_letter(repr(mood_id))
             else:
-                reason = bad_id_reason(mood_id)
+                reason = bad_id_reason(mood_id, self.applier.kind)
                 user = valid_user(await self.store.user_of_mood(mood_id))
                 if user is not None and await self.store.forgotten([user]):
                     user = None  # an erased user's: reported, without naming them

@@ -18,6 +18,7 @@ from replicator.desired import desired_state
 from replicator.devstack.observe import listed_records
 from replicator.lexicon import LEXICON_DIR
 from replicator.model import State
+from replicator.recordtypes import MOOD
 from replicator.runtime import Runtime
 from replicator.store import Store
 from replicator.stream import OpenStream, Replicator
@@ -89,7 +90,7 @@ async def expected_records(store: Store, sub: str) -> dict[str, dict[str, Any]]:
     account = (await store.accounts([sub]))[sub]
     out: dict[str, dict[str, Any]] = {}
     for doc in await store.moods_of_user(sub):
-        desired = desired_state(doc["_id"], doc, has_account=account is not None)
+        desired = desired_state(MOOD, doc["_id"], doc, has_account=account is not None)
         if desired.state is State.PRESENT:
             rkey = (doc.get("atproto") or {}).get("rkey") or f"(not written back: {doc['_id']})"
             assert desired.record is not None

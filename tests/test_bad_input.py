@@ -24,6 +24,7 @@ from loguru import logger
 from replicator import metrics, tid
 from replicator.desired import desired_state
 from replicator.model import State
+from replicator.recordtypes import MOOD
 from replicator.runtime import Runtime
 from replicator.store import Store
 
@@ -363,7 +364,7 @@ async def test_invalid_utf8_and_out_of_range_dates_are_reported_not_crashes(
         str(good)
     ]
     # The pure core agrees on a lone surrogate however it arrives.
-    lone_py = desired_state(lone, {**base, "mood": "x\ud83d"}, has_account=True)
+    lone_py = desired_state(MOOD, lone, {**base, "mood": "x\ud83d"}, has_account=True)
     assert lone_py.state is State.INVALID and "character 1" in (lone_py.reason or "")
 
 

@@ -43,6 +43,7 @@ from replicator.devstack.stack import LocalStack
 from replicator.ledger import intents_for
 from replicator.model import State
 from replicator.plan import plan_user
+from replicator.recordtypes import MOOD as MOOD_TYPE
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store, sub_hash
 
@@ -586,7 +587,7 @@ async def _intents_as_a_kill_leaves_them(rt: Runtime, sub: str, ids: list[Object
     docs = await rt.store.moods_by_id(ids)
     ledger = await rt.store.ledger_by_id(ids)
     account = (await rt.store.accounts([sub]))[sub]
-    desired = [desired_state(i, docs.get(i), has_account=True) for i in ids]
+    desired = [desired_state(MOOD_TYPE, i, docs.get(i), has_account=True) for i in ids]
     plan = plan_user(sub, account, desired, ledger, tid.from_object_id)
     intents = intents_for(plan.moods, ledger, rt.store.fence.generation)
     assert len(intents) == len(ids)

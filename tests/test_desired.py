@@ -11,17 +11,17 @@ import pytest
 from bson import ObjectId
 
 from replicator import tid
-from replicator.desired import (
-    InvalidMood,
-    build_record,
-    content_hash,
-    desired_state,
-    doc_rkey,
-    format_when,
-    is_deleted,
-)
+from replicator.desired import content_hash, desired_state, doc_rkey, record_of
 from replicator.lexicon import MOOD_NSID, validate_record
 from replicator.model import State
+from replicator.recordtypes import MOOD, InvalidDocument
+from replicator.recordtypes.fields import format_when
+from replicator.recordtypes.mood import is_deleted
+
+
+def build_record(doc: dict[str, Any], mood_id: ObjectId) -> dict[str, Any]:
+    return record_of(MOOD, doc, mood_id)[0]
+
 
 MOOD_ID = ObjectId("65a1b2c3d4e5f60718293a4b")
 USER = "auth0|66db1c30aa0000000000beef"
@@ -73,7 +73,7 @@ def test_is_deleted(value: Any, expected: bool) -> None:
 
 
 def test_absent_deleted_field_is_not_deleted() -> None:
-    assert desired_state(MOOD_ID, make_doc(), has_account=True).state is State.PRESENT
+    assert desired_state(MOOD, MOOD_ID, make_doc(), has_account=True).state is State.PRESENT
 
 
 # -- format_when ----------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_format_when_naive_equals_utc_aware() -> None:
     "value", [None, "2024-01-02T03:04:05.678Z", 1704164645678, date(2024, 1, 2)]
 )
 def test_format_when_rejects_non_datetimes(value: Any) -> None:
-    with pytest.raises(InvalidMood, match=r"^when:"):
+    with pytest.raises(InvalidDocument, match=r"^when:"):
         format_when(value)
 
 
@@ -191,7 +191,7 @@ def test_content_hash_ignores_sub_millisecond_changes() -> None:
 
 
 def test_desired_document_gone_is_absent() -> None:
-    d = desired_state(MOOD_ID, None, has_account=True)
+    d = desired_state(MOOD, MOOD_ID, None, has_account=True)
     assert d.state is State.ABSENT
     assert d.mood_id == MOOD_ID
     assert d.record is None and d.hash is None
@@ -199,7 +199,9 @@ def test_desired_document_gone_is_absent() -> None:
 
 @pytest.mark.parametrize("deleted", [True, 1, "yes", {"by": "admin"}])
 def test_desired_nuked_is_absent_and_keeps_doc_rkey(deleted: Any) -> None:
-    d = desired_state(MOOD_ID, make_doc(deleted=deleted, atproto={"rkey": RKEY}), has_account=True)
+    d = desired_state(
+        MOOD, MOOD_ID, make_doc(deleted=deleted, atproto={"rkey": RKEY}), has_account=True
+    )
     assert d.state is State.ABSENT
     assert d.doc_rkey == RKEY
     assert d.user == USER
@@ -208,17 +210,17 @@ def test_desired_nuked_is_absent_and_keeps_doc_rkey(deleted: Any) -> None:
 
 @pytest.mark.parametrize("deleted", [False, None, 0, "false", "", {}, []])
 def test_desired_not_nuked_is_present(deleted: Any) -> None:
-    d = desired_state(MOOD_ID, make_doc(deleted=deleted), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, make_doc(deleted=deleted), has_account=True)
     assert d.state is State.PRESENT
 
 
 def test_desired_nuked_wins_over_missing_account() -> None:
-    d = desired_state(MOOD_ID, make_doc(deleted=True), has_account=False)
+    d = desired_state(MOOD, MOOD_ID, make_doc(deleted=True), has_account=False)
     assert d.state is State.ABSENT
 
 
 def test_desired_without_account_is_skipped() -> None:
-    d = desired_state(MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=False)
+    d = desired_state(MOOD, MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=False)
     assert d.state is State.SKIPPED
     assert d.user == USER
     assert d.doc_rkey == RKEY
@@ -228,7 +230,7 @@ def test_desired_without_account_is_skipped() -> None:
 @pytest.mark.parametrize("user", ["missing", None, 123, "", ["auth0|x"]])
 def test_desired_bad_user_is_invalid(user: Any) -> None:
     doc = without(make_doc(), "user") if user == "missing" else make_doc(user=user)
-    d = desired_state(MOOD_ID, doc, has_account=True)
+    d = desired_state(MOOD, MOOD_ID, doc, has_account=True)
     assert d.state is State.INVALID
     assert d.user is None
     assert d.reason is not None and d.reason.startswith("user")
@@ -249,7 +251,7 @@ def test_desired_bad_user_is_invalid(user: Any) -> None:
     ],
 )
 def test_desired_bad_mood_is_invalid(mood: Any, reason: str) -> None:
-    d = desired_state(MOOD_ID, make_doc(mood=mood, atproto={"rkey": RKEY}), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, make_doc(mood=mood, atproto={"rkey": RKEY}), has_account=True)
     assert d.state is State.INVALID
     assert d.reason is not None and re.search(reason, d.reason), d.reason
     assert d.record is None and d.hash is None
@@ -257,7 +259,7 @@ def test_desired_bad_mood_is_invalid(mood: Any, reason: str) -> None:
 
 
 def test_desired_missing_mood_key_is_invalid() -> None:
-    d = desired_state(MOOD_ID, without(make_doc(), "mood"), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, without(make_doc(), "mood"), has_account=True)
     assert d.state is State.INVALID
     assert d.reason == "mood: missing"
 
@@ -266,26 +268,26 @@ def test_desired_missing_mood_key_is_invalid() -> None:
     "mood", ["a" * 5000, "\u00e9" * 2500, "\U0001f600" * 1250, "x", "🙂", "line\nline"]
 )
 def test_desired_mood_up_to_5000_bytes_is_present(mood: str) -> None:
-    d = desired_state(MOOD_ID, make_doc(mood=mood), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, make_doc(mood=mood), has_account=True)
     assert d.state is State.PRESENT, d.reason
     assert d.record is not None and d.record["mood"] == mood
 
 
 @pytest.mark.parametrize("when", [None, "2024-01-02T03:04:05Z", 1704164645678, date(2024, 1, 2)])
 def test_desired_non_date_when_is_invalid(when: Any) -> None:
-    d = desired_state(MOOD_ID, make_doc(when=when), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, make_doc(when=when), has_account=True)
     assert d.state is State.INVALID
     assert d.reason is not None and d.reason.startswith("when:")
 
 
 def test_desired_missing_when_is_invalid() -> None:
-    d = desired_state(MOOD_ID, without(make_doc(), "when"), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, without(make_doc(), "when"), has_account=True)
     assert d.state is State.INVALID
     assert d.reason == "when: missing"
 
 
 def test_desired_valid_is_present_with_record_and_hash() -> None:
-    d = desired_state(MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=True)
+    d = desired_state(MOOD, MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=True)
     assert d.state is State.PRESENT
     assert d.user == USER
     assert d.record == build_record(make_doc(), MOOD_ID)
@@ -296,16 +298,16 @@ def test_desired_valid_is_present_with_record_and_hash() -> None:
 
 
 def test_desired_is_deterministic() -> None:
-    a = desired_state(MOOD_ID, make_doc(), has_account=True)
-    b = desired_state(MOOD_ID, make_doc(), has_account=True)
+    a = desired_state(MOOD, MOOD_ID, make_doc(), has_account=True)
+    b = desired_state(MOOD, MOOD_ID, make_doc(), has_account=True)
     assert a == b
     assert a.record is not None and b.record is not None
     assert orjson.dumps(a.record) == orjson.dumps(b.record)
 
 
 def test_desired_write_back_does_not_change_content() -> None:
-    before = desired_state(MOOD_ID, make_doc(), has_account=True)
-    after = desired_state(MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=True)
+    before = desired_state(MOOD, MOOD_ID, make_doc(), has_account=True)
+    after = desired_state(MOOD, MOOD_ID, make_doc(atproto={"rkey": RKEY}), has_account=True)
     assert before.hash == after.hash
     assert before.doc_rkey is None and after.doc_rkey == RKEY
 
@@ -314,9 +316,9 @@ def test_desired_write_back_does_not_change_content() -> None:
 
 
 def test_doc_rkey_returns_a_valid_tid() -> None:
-    assert doc_rkey({"atproto": {"rkey": RKEY}}) == RKEY
+    assert doc_rkey(MOOD, {"atproto": {"rkey": RKEY}}) == RKEY
     derived = tid.from_object_id(MOOD_ID)
-    assert doc_rkey({"atproto": {"rkey": derived, "other": 1}}) == derived
+    assert doc_rkey(MOOD, {"atproto": {"rkey": derived, "other": 1}}) == derived
 
 
 @pytest.mark.parametrize(
@@ -338,13 +340,13 @@ def test_doc_rkey_returns_a_valid_tid() -> None:
     ],
 )
 def test_doc_rkey_ignores_unusable_values(atproto: Any) -> None:
-    assert doc_rkey({"atproto": atproto}) is None
+    assert doc_rkey(MOOD, {"atproto": atproto}) is None
 
 
 def test_doc_rkey_without_atproto() -> None:
-    assert doc_rkey({}) is None
-    assert doc_rkey(make_doc()) is None
+    assert doc_rkey(MOOD, {}) is None
+    assert doc_rkey(MOOD, make_doc()) is None
 
 
 def test_doc_rkey_rejects_trailing_newline() -> None:
-    assert doc_rkey({"atproto": {"rkey": RKEY + "\n"}}) is None
+    assert doc_rkey(MOOD, {"atproto": {"rkey": RKEY + "\n"}}) is None

@@ -8,9 +8,10 @@ from typing import Any
 from bson import ObjectId
 
 from replicator import tid
-from replicator.desired import build_record, desired_state
+from replicator.desired import desired_state, record_of
 from replicator.model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from replicator.plan import MoodPlan, RemoteIndex, choose_rkey, plan_mood, plan_user
+from replicator.recordtypes import MOOD
 
 USER = "auth0|66db1c30aa0000000000beef"
 ACCOUNT = Account(sub=USER, did="did:plc:moodsuser000000000000", handle="moods.test", password="pw")
@@ -36,7 +37,7 @@ def make_doc(mood_id: ObjectId, text: str = "feeling fine", **fields: Any) -> di
 
 def want(doc: dict[str, Any] | None, mood_id: ObjectId | None = None, *, account: bool = True):
     mid = mood_id if mood_id is not None else doc["_id"]  # type: ignore[index]
-    return desired_state(mid, doc, has_account=account)
+    return desired_state(MOOD, mid, doc, has_account=account)
 
 
 def present(d: Desired, rkey: str, did: str = ACCOUNT.did) -> LedgerEntry:
@@ -47,7 +48,7 @@ def present(d: Desired, rkey: str, did: str = ACCOUNT.did) -> LedgerEntry:
 def remote(rkey: str, mood_id: ObjectId | None, text: str = "feeling fine", **kw: Any):
     """A listed record; `legacy` uses the old `mongoId` field instead of `ref`."""
     legacy = kw.pop("legacy", False)
-    value = build_record(make_doc(mood_id or oid(999)), mood_id or oid(999))
+    value = record_of(MOOD, make_doc(mood_id or oid(999)), mood_id or oid(999))[0]
     value["mood"] = text
     if mood_id is None:
         del value["ref"]

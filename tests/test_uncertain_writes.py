@@ -27,6 +27,7 @@ from replicator.desired import desired_state
 from replicator.devstack.seed import insert_mood
 from replicator.model import Account, LedgerEntry, State, Write
 from replicator.plan import plan_mood
+from replicator.recordtypes import MOOD as MOOD_TYPE
 from replicator.runtime import Runtime
 from replicator.store import Store
 from replicator.writer import RepoWriter
@@ -47,14 +48,16 @@ def _nuked() -> dict[str, Any]:
 
 def test_a_delete_where_an_intent_left_a_record_that_may_be_there_is_not_known() -> None:
     entry = LedgerEntry(MOOD, USER, State.PENDING, ACCOUNT.did, RKEY, held=((ACCOUNT.did, RKEY),))
-    plan = plan_mood(desired_state(MOOD, _nuked(), has_account=True), entry, ACCOUNT, None,
+    want = desired_state(MOOD_TYPE, MOOD, _nuked(), has_account=True)
+    plan = plan_mood(want, entry, ACCOUNT, None,
                      tid.from_object_id)  # fmt: skip
     assert [(w.action, w.rkey, w.exists) for w in plan.writes] == [("delete", RKEY, None)]
 
 
 def test_a_delete_the_ledger_is_sure_of_is_known() -> None:
     entry = LedgerEntry(MOOD, USER, State.PRESENT, ACCOUNT.did, RKEY, "hash", "bafycid")
-    plan = plan_mood(desired_state(MOOD, _nuked(), has_account=True), entry, ACCOUNT, None,
+    want = desired_state(MOOD_TYPE, MOOD, _nuked(), has_account=True)
+    plan = plan_mood(want, entry, ACCOUNT, None,
                      tid.from_object_id)  # fmt: skip
     assert [(w.action, w.exists, w.cid) for w in plan.writes] == [("delete", True, "bafycid")]
 
@@ -65,7 +68,11 @@ def test_writes_of_unknown_existence_are_sent_alone_in_order() -> None:
 
     writes = [put("a", None), put("b", True), put("c", False), put("d", None), put("e", True),
               Write("delete", ACCOUNT.did, "f", MOOD, exists=None)]  # fmt: skip
-    applier = Applier(cast(Store, None), cast(RepoWriter, SimpleNamespace(batch=True, pds=None)))
+    applier = Applier(
+        cast(Store, None),
+        cast(RepoWriter, SimpleNamespace(batch=True, pds=None)),
+        kind=MOOD_TYPE,
+    )
     chunks = [[w.rkey for w in chunk] for chunk in applier._chunks(writes)]
     assert chunks == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]
 

@@ -26,6 +26,7 @@ from ..apply import Applier
 from ..desired import desired_state
 from ..model import Account, LedgerEntry, Write
 from ..plan import plan_user
+from ..recordtypes import MOOD
 from ..runtime import open_runtime
 from ..stream import Replicator
 from ..writer import RepoWriter
@@ -69,7 +70,7 @@ async def core_mongo(ctx: Ctx) -> dict[str, Any]:
         settings = ctx.settings(db_name, NULL_PDS_URL)
         async with open_runtime(settings) as rt:
             writer = NullWriter(rt.sessions)
-            applier = Applier(rt.store, writer, concurrency=settings.concurrency)
+            applier = Applier(rt.store, writer, kind=MOOD, concurrency=settings.concurrency)
             replicator = Replicator(rt.store, applier, batch_size=settings.batch_size,
                                     max_batch_ms=settings.max_batch_ms)  # fmt: skip
             stop = anyio.Event()
@@ -127,7 +128,7 @@ def core_pure(
             for doc in docs[i : i + batch]:
                 by_user.setdefault(doc["user"], []).append(doc)
             for user, mine in by_user.items():
-                desired = [desired_state(d["_id"], d, has_account=True) for d in mine]
+                desired = [desired_state(MOOD, d["_id"], d, has_account=True) for d in mine]
                 plan = plan_user(user, accounts[user], desired, current, tid.from_object_id)
                 writes += len(plan.writes)
                 for mood in plan.moods:

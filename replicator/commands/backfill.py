@@ -105,7 +105,13 @@ async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
         require_moods=not kw["empty_ok"],
     ) as rt:  # fmt: skip
         users = await users_in_scope(rt.store, kw["users"], kw["sample"])
-        dry = Applier(rt.store, rt.writer, concurrency=settings.concurrency, dry_run=True)
+        dry = Applier(
+            rt.store,
+            rt.writer,
+            kind=rt.applier.kind,
+            concurrency=settings.concurrency,
+            dry_run=True,
+        )
         whole = not kw["users"] and not kw["sample"]
         report = await audit(rt.store, dry, rt.applier, users, fix=kw["fix"], whole=whole)
         return report.summary()

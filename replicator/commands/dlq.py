@@ -30,6 +30,7 @@ from ..config import Settings
 from ..desired import bad_id_reason
 from ..logs import redact
 from ..model import LedgerEntry, State
+from ..recordtypes import MOOD
 from ..runtime import open_runtime
 from ..store import Doc, LetterKind, Names, Store, letter_kind, open_client
 from .backfill import CLI_RETRY_TIMEOUT
@@ -289,7 +290,7 @@ async def _retry_not_oid(store: Store, letter: Doc) -> RetryResult:
         if await store.moods.find_one({"_id": original}, {"_id": 1}) is None:
             await store.dead_letters.delete_one({"_id": key})
             return RetryResult(key, True, "document gone")
-    reason = bad_id_reason(original) if original is not None else str(letter.get("reason"))
+    reason = bad_id_reason(original, MOOD) if original is not None else str(letter.get("reason"))
     await store.dead_letters.update_one(
         {"_id": key}, {"$set": {"reason": reason, "last_at": time.time()}, "$inc": {"attempts": 1}}
     )

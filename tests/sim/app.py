@@ -22,7 +22,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from replicator.desired import is_deleted
+from replicator.recordtypes.mood import is_deleted
 
 from .fake_mongo import Doc, MongoState
 from .fake_pds import REFUSED, PdsState

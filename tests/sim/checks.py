@@ -29,6 +29,7 @@ from bson import ObjectId
 from replicator import tid
 from replicator.desired import desired_state
 from replicator.model import State
+from replicator.recordtypes import MOOD
 from replicator.store import user_gone
 
 from .app import MOODS, USERS, App, live
@@ -108,7 +109,7 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
     for doc in app.all_moods():
         if not live(doc) or not isinstance(doc["_id"], ObjectId):
             continue
-        want = desired_state(doc["_id"], doc, has_account=True)
+        want = desired_state(MOOD, doc["_id"], doc, has_account=True)
         if want.state is State.INVALID or (
             want.record is not None and REFUSED in want.record["mood"]
         ):
@@ -125,7 +126,7 @@ def divergences(app: App, pds: PdsState, history: Mapping[str, set[bytes]]) -> l
             mood_id = doc["_id"]
             if not isinstance(mood_id, ObjectId) or str(mood_id) in kept:
                 continue
-            want = desired_state(mood_id, doc, has_account=user.did is not None)
+            want = desired_state(MOOD, mood_id, doc, has_account=user.did is not None)
             if want.state is not State.PRESENT:
                 continue
             assert want.record is not None

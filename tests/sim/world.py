@@ -33,6 +33,7 @@ from replicator.identity import Directory
 from replicator.lease import Fence
 from replicator.model import State
 from replicator.pds import Pds
+from replicator.recordtypes import MOOD
 from replicator.sessions import SessionPool
 from replicator.store import Store
 from replicator.stream import Replicator
@@ -244,7 +245,7 @@ class World:
     ) -> None:  # fmt: skip
         self.safety.on_mongo_write(collection, op, key, before, after)
         if collection == "moods" and after is not None and isinstance(key, ObjectId):
-            want = desired_state(key, after, has_account=True)
+            want = desired_state(MOOD, key, after, has_account=True)
             if want.record is not None:
                 self.history.setdefault(str(key), set()).add(canonical(want.record))
 
@@ -407,7 +408,9 @@ class World:
         gate = AccountGate(core, pds, self.pds.url, directory,
                            recheck_seconds=o.account_recheck_seconds,
                            clock=self.clock.time)  # fmt: skip
-        applier = Applier(core, writer, gate=gate, concurrency=o.concurrency, clock=self.clock.time)
+        applier = Applier(
+            core, writer, kind=MOOD, gate=gate, concurrency=o.concurrency, clock=self.clock.time
+        )
         replicator = Replicator(
             core, applier, batch_size=o.batch_size, max_batch_ms=250,
             heartbeat_seconds=o.heartbeat_seconds, parked_retry_seconds=o.parked_retry_seconds,
