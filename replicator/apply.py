@@ -75,7 +75,6 @@ class Applier:
         store: Store,
         writer: RepoWriter,
         *,
-        kind: RecordType,
         gate: AccountGate | None = None,
         concurrency: int = 8,
         dry_run: bool = False,
@@ -85,7 +84,6 @@ class Applier:
     ) -> None:
         self.store = store
         self.writer = writer
-        self.kind = kind
         self.gate = gate
         self.dry_run = dry_run
         self.only_users = only_users
@@ -96,18 +94,25 @@ class Applier:
     # -- entry points -----------------------------------------------------------------------
 
     async def apply_ids(
-        self, ids: Sequence[ObjectId], owners: Mapping[ObjectId, str] | None = None
+        self,
+        ids: Sequence[ObjectId],
+        owners: Mapping[ObjectId, str] | None = None,
+        rtype: RecordType | None = None,
     ) -> Outcome:
-        """Bring these moods to their desired state, trusting the ledger for what the PDS
-        holds. `owners`: the user of a deleted mood, when the event's pre-image says."""
+        """Bring these documents of `rtype` (the store's first type if None) to their desired
+        state, trusting the ledger for what the PDS holds. `owners`: the user of a deleted
+        document, when the event's pre-image says."""
+        view = self.store.of(rtype) if rtype is not None else self.store
         ids = list(dict.fromkeys(ids))
-        docs = await self.store.moods_by_id(ids)
-        ledger = await self.store.ledger_by_id(ids)
+        docs = await view.moods_by_id(ids)
+        ledger = await view.ledger_by_id(ids)
         by_user: dict[str | None, list[ObjectId]] = {}
         unknown_deletes: set[str] = set()
         for mood_id in ids:
             doc, entry = docs.get(mood_id), ledger.get(mood_id)
-            user = _user_of(doc) if doc is not None else (entry.user if entry else None)
+            user = valid_user(doc.get(view.rtype.owner)) if doc is not None else (
+                entry.user if entry else None
+            )  # fmt: skip
             if user is None and doc is None and owners and (hint := owners.get(mood_id)):
                 user = hint  # deleted before the ledger ever knew it: its records may not be
                 unknown_deletes.add(hint)
@@ -122,11 +127,11 @@ class Applier:
                 continue  # erased below, or erased already: nothing is recorded under them
             account = accounts.get(user) if user else None
             desired = [
-                desired_state(self.kind, i, docs.get(i), has_account=account is not None)
+                desired_state(view.rtype, i, docs.get(i), has_account=account is not None)
                 for i in mood_ids
             ]
             plans.append(plan_user(user, account, desired, ledger, tid.from_object_id))
-        outcome, again = await self._execute(plans, ledger)
+        outcome, again = await self._execute(view, plans, ledger)
         # A user whose moods were deleted or nuked is reconciled against the listing: records
         # the ledger never knew (the old inline writer's) go too, so a purged user ends with an
         # empty collection. Decided from the batch, not from what the user has now: a replay
@@ -149,47 +154,70 @@ class Applier:
 
     async def reconcile_users(self, subs: Sequence[str], *, fix: bool = True) -> Outcome:
         """`reconcile_user` for several users at once (the backfill's groups, the recovery's,
-        the sweeps after a batch): their documents, ledger entries and accounts read in one
-        query each, their repos listed side by side, one intent write, one write-back and
-        one outcome write for all of them. `Outcome.snapshots` has what each user's moods
-        were when read (`docs_fingerprint`)."""
+        the sweeps after a batch), every type mirrored: their documents, ledger entries and
+        accounts read in one query each, their repos listed side by side, their writes
+        recorded together. Users the app erased are erased (every type) first.
+        `Outcome.snapshots` has what each user's documents were when read (`fingerprint`)."""
         subs = list(dict.fromkeys(subs))
-        reads = await self.store.moods_of_users(subs)
-        ledgers = await self.store.ledger_of_users(subs)
+        views = self.store.views
+        reads = [await view.moods_of_users(subs) for view in views]
+        ledgers = [await view.ledger_of_users(subs) for view in views]
         accounts = await self.store.accounts(subs)
-        listings = await self._listings([a for a in accounts.values() if a is not None])
+        outcome = Outcome()
+        live: list[str] = []
+        for sub in subs:
+            outcome.snapshots[sub] = fingerprint(views, [r.get(sub, []) for r in reads])
+            if accounts.get(sub) is None:
+                theirs = [ledger.get(sub, {}) for ledger in ledgers]
+                if (credentials := await self._erased(sub, theirs)) is not None:
+                    outcome.merge(await self._erase(sub, credentials, theirs))
+                    continue
+                if await self.store.forgotten([sub]):
+                    continue  # erased and forgotten: nothing is recorded under them
+            live.append(sub)
+        for view, read, ledger in zip(views, reads, ledgers, strict=True):
+            if live:
+                outcome.merge(await self._reconcile(view, live, accounts, read, ledger, fix=fix))
+        return outcome
+
+    async def _reconcile(
+        self,
+        view: Store,
+        subs: Sequence[str],
+        accounts: Mapping[str, Account | None],
+        reads: Mapping[str, list[dict[str, Any]]],
+        ledgers: Mapping[str, dict[ObjectId, LedgerEntry]],
+        *,
+        fix: bool,
+    ) -> Outcome:
+        """One type's part of `reconcile_users`: plans against each repo's listing."""
+        rtype = view.rtype
+        listed = [a for s in subs if (a := accounts.get(s)) is not None]
+        listings = await self._listings(listed, rtype)
         outcome = Outcome()
         plans: list[UserPlan] = []
         before: dict[ObjectId, LedgerEntry] = {}
         for sub in subs:
             read, ledger, account = reads.get(sub, []), ledgers.get(sub, {}), accounts.get(sub)
-            outcome.snapshots[sub] = docs_fingerprint(read, self.kind.fingerprint)
-            if account is None:
-                if (credentials := await self._erased(sub, ledger)) is not None:
-                    outcome.merge(await self._erase(sub, credentials, ledger))
-                    continue
-                if await self.store.forgotten([sub]):
-                    continue  # erased and forgotten: nothing is recorded under them
             docs: dict[ObjectId, dict[str, Any]] = {}
             for d in read:
                 if isinstance(d["_id"], ObjectId):
                     docs[d["_id"]] = d
-                elif not self.dry_run:  # cannot be mirrored: reported as the stream reports it
-                    reason = bad_id_reason(d["_id"], self.kind)
-                    await self.store.dead_letter(d["_id"], sub, None, reason, "invalid")
-                if not isinstance(d["_id"], ObjectId):  # a mood all the same: counted
-                    outcome.counts["moods"] += 1
-                    outcome.findings.append(
-                        Finding("invalid", None, None, None, bad_id_reason(d["_id"], self.kind))
-                    )
+                    continue
+                # Cannot be mirrored: reported as the stream reports it; a document all the
+                # same: counted.
+                reason = bad_id_reason(d["_id"], rtype)
+                if not self.dry_run:
+                    await view.dead_letter(d["_id"], sub, None, reason, "invalid")
+                outcome.counts["moods"] += 1
+                outcome.findings.append(Finding("invalid", None, None, None, reason))
             if account is None and not self.dry_run:
-                # Letters of moods gone for good (their delete event lost, say): what may
+                # Letters of documents gone for good (their delete event lost, say): what may
                 # still name a user with no account, erased where no event said so.
-                await self.store.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
+                await view.clear_dead_letters_but(sub, [*(d["_id"] for d in read), *ledger])
             ids = list(dict.fromkeys([*docs, *ledger]))
             desired = [
-                desired_state(self.kind, i, docs.get(i), has_account=account is not None)
-                for i in ids
+                desired_state(rtype, i, docs.get(i), has_account=account is not None) for i in ids
             ]
             remote = listings.get(account.did) if account is not None else None
             plans.append(plan_user(
@@ -201,30 +229,39 @@ class Applier:
                 outcome.counts["records_listed"] += len(remote)
                 outcome.counts["users_with_account"] += 1
         if plans:
-            done, _ = await self._execute(plans, before, sweeping=True)
+            done, _ = await self._execute(view, plans, before, sweeping=True)
             outcome.merge(done)
         return outcome
 
-    async def _listings(self, accounts: Sequence[Account]) -> dict[str, list[RemoteRecord] | None]:
+    async def fingerprints(self, subs: Sequence[str]) -> dict[str, str]:
+        """What each user's documents are now, as `Outcome.snapshots` has them."""
+        views = self.store.views
+        reads = [await v.moods_of_users(subs, v.rtype.fingerprint) for v in views]
+        return {sub: fingerprint(views, [r.get(sub, []) for r in reads]) for sub in subs}
+
+    async def _listings(
+        self, accounts: Sequence[Account], rtype: RecordType
+    ) -> dict[str, list[RemoteRecord] | None]:
         """Each account's listing (`_listing`), side by side, as many at once as lanes."""
         found: dict[str, list[RemoteRecord] | None] = {}
 
         async def one(account: Account) -> None:
             async with self._limiter:
-                found[account.did] = await self._listing(account)
+                found[account.did] = await self._listing(account, rtype)
 
         async with anyio.create_task_group() as tg:
             for account in accounts:
                 tg.start_soon(one, account)
         return found
 
-    async def _listing(self, account: Account) -> list[RemoteRecord] | None:
-        """Every record of the account's collection: the truth a reconcile plans against.
-        None when it cannot be read now (the account is parked); [] when the repo is gone."""
+    async def _listing(self, account: Account, rtype: RecordType) -> list[RemoteRecord] | None:
+        """Every record of the type's collection in the account's repo: the truth a reconcile
+        plans against. None when it cannot be read now (the account is parked); [] when the
+        repo is gone."""
         if self.gate is not None and await self.gate.blocked(account) is not None:
             return None
         try:
-            return await self.writer.pds.list_records(account.did)
+            return await self.writer.pds.list_records(account.did, rtype.nsid)
         except AccountGone:
             return []  # the repo is gone: nothing to delete, puts get parked
         except AccountUnavailable as exc:
@@ -270,7 +307,7 @@ class Applier:
         return {u for u, document_gone in gone.items() if u in known or document_gone}, forgotten
 
     async def _erased(
-        self, sub: str, ledger: Mapping[ObjectId, LedgerEntry]
+        self, sub: str, ledgers: Sequence[Mapping[ObjectId, LedgerEntry]]
     ) -> dict[str, str | None] | None:
         """None if the app did not erase this user (their document has `atproto`; or it has
         none and no DID of theirs was ever known; or they are forgotten already). Else their
@@ -281,11 +318,12 @@ class Applier:
             return None
         kept = await self.store.credentials_of(sub)
         begun = (await self.store.pending_erasures()).get(sub)
-        held = (d for e in ledger.values() for d in (e.did, *(h[0] for h in e.held)))
+        entries = [e for ledger in ledgers for e in ledger.values()]
+        held = (d for e in entries for d in (e.did, *(h[0] for h in e.held)))
         known = {d: kept.get(d) for d in dict.fromkeys([*kept, *held, *(begun or ())]) if d}
         if known or begun is not None:
             return known
-        if gone[sub] and (ledger or not await self.store.forgotten([sub])):
+        if gone[sub] and (entries or not await self.store.forgotten([sub])):
             return {}
         return None
 
@@ -293,33 +331,38 @@ class Applier:
         self,
         sub: str,
         credentials: Mapping[str, str | None],
-        ledger: dict[ObjectId, LedgerEntry],
+        ledgers: Sequence[Mapping[ObjectId, LedgerEntry]],
     ) -> Outcome:
         """Delete every record of an erased user, in each repo of theirs, with the last
         credentials that still work; forget them once the PDS confirmed it: each repo listed
         and every record in it deleted, or the repo gone. Otherwise nothing is marked done:
-        what is left stays in the ledger (and the user parked, when no credential works)."""
+        what is left stays in the ledger (and the user parked, when no credential works).
+        Every type is erased before anything is forgotten: the credentials serve them all."""
         outcome = Outcome()
         outcome.users.add(sub)
         if not self.dry_run and credentials:
             await self.store.begin_erasure(sub, credentials.keys())
         confirmed = True
+        views = self.store.views
+        theirs = list(ledgers)
         for did, password in credentials.items():
             account = Account(sub, did, None, password or "", erased=True)
-            remote = await self._listing(account)
-            desired = [Desired(i, sub, State.ABSENT, reason=ERASED) for i in ledger]
-            plan = plan_user(
-                sub, account, desired, ledger, tid.from_object_id,
-                remote=remote, whole_user=remote is not None, fix=True,
-            )  # fmt: skip
-            done, _ = await self._execute([_as_erasure(plan)], ledger, sweeping=True)
-            outcome.merge(done)
-            outcome.counts["records_listed"] += len(remote or ())
-            confirmed = confirmed and remote is not None and not done.counts["parked"]
-            ledger = await self.store.ledger_of_user(sub)
+            for i, view in enumerate(views):
+                ledger = dict(theirs[i])
+                remote = await self._listing(account, view.rtype)
+                desired = [Desired(m, sub, State.ABSENT, reason=ERASED) for m in ledger]
+                plan = plan_user(
+                    sub, account, desired, ledger, tid.from_object_id,
+                    remote=remote, whole_user=remote is not None, fix=True,
+                )  # fmt: skip
+                done, _ = await self._execute(view, [_as_erasure(plan)], ledger, sweeping=True)
+                outcome.merge(done)
+                outcome.counts["records_listed"] += len(remote or ())
+                confirmed = confirmed and remote is not None and not done.counts["parked"]
+                theirs[i] = await view.ledger_of_user(sub)
         if self.dry_run:
             return outcome
-        if not confirmed or any(e.held for e in ledger.values()):
+        if not confirmed or any(e.held for ledger in theirs for e in ledger.values()):
             outcome.counts["erasures_unfinished"] += 1
             return outcome
         deleted = outcome.counts["delete"] + outcome.counts["delete_orphan"]
@@ -338,8 +381,11 @@ class Applier:
         return outcome
 
     async def retry_parked(self) -> Outcome:
-        ids = await self.store.parked_ids()
-        return await self.apply_ids(ids) if ids else Outcome()
+        outcome = Outcome()
+        for view in self.store.views:
+            if ids := await view.parked_ids():
+                outcome.merge(await self.apply_ids(ids, rtype=view.rtype))
+        return outcome
 
     async def maintain(self, *, retry_parked: bool = True) -> Outcome:
         """Between batches: accounts writable again are reconciled against the full listing
@@ -359,6 +405,7 @@ class Applier:
 
     async def _execute(
         self,
+        view: Store,
         plans: list[UserPlan],
         before: dict[ObjectId, LedgerEntry],
         *,
@@ -393,22 +440,22 @@ class Applier:
                 _count(outcome, plan, applied=False)
             metrics.observe_apply(outcome, time.monotonic() - started)
             return outcome, set()
-        generation = self.store.fence.generation
-        live = await self._salted(live, before, whole=sweeping)
+        generation = view.fence.generation
+        live = await self._salted(view, live, before, whole=sweeping)
         blocked = await self._blocked(live)
         sending = [p for p in live if p.writes and p.account and p.account.did not in blocked]
         pending = intents_for([m for p in sending for m in p.moods], before, generation)
-        written = await self.store.save_entries(
+        written = await view.save_entries(
             [*skipped, *pending.values()], fresh=pending.keys() - before
         )
         if pending:
             crashpoints.hit("intent")
-        record = _Record(generation, before, pending, blocked, written, sweeping)
+        record = _Record(view, generation, before, pending, blocked, written, sweeping)
         done, send = _lanes_done(len(sending))
 
         async def lane(plan: UserPlan) -> None:
             async with self._limiter:
-                result = await self._lane(plan, sweeping=sweeping)
+                result = await self._lane(plan, view.rtype, sweeping=sweeping)
             await send.send((plan, result))
 
         async def lanes() -> None:
@@ -430,7 +477,7 @@ class Applier:
                     ready = []
             await self._flush(record, ready, outcome)
         outcome.counts["parked"] += len(record.parked)
-        await self._report(live, before, record.entries, record.parked, record.failed, outcome)
+        await self._report(view, live, before, record, outcome)
         metrics.observe_apply(outcome, time.monotonic() - started)
         return outcome, record.again
 
@@ -454,10 +501,10 @@ class Applier:
             writebacks |= backs
         if not entries and not writebacks:
             return
-        record.failed |= await self.store.write_back_many(writebacks)
+        record.failed |= await record.view.write_back_many(writebacks)
         if writebacks:
             crashpoints.hit("write_back")
-        await self.store.save_entries(entries, since=record.written)
+        await record.view.save_entries(entries, since=record.written)
         if record.pending:
             crashpoints.hit("ledger")
         record.entries += entries
@@ -473,7 +520,12 @@ class Applier:
         return blocked
 
     async def _salted(
-        self, plans: list[UserPlan], ledger: Mapping[ObjectId, LedgerEntry], *, whole: bool
+        self,
+        view: Store,
+        plans: list[UserPlan],
+        ledger: Mapping[ObjectId, LedgerEntry],
+        *,
+        whole: bool,
     ) -> list[UserPlan]:
         """Derived TIDs already used by another mood's record get the next salt. The rkeys of
         every plan are looked up together: one query a batch (one more a salt tried). With
@@ -495,7 +547,7 @@ class Applier:
                 unknown |= {(plan.account.did, rkey) for rkey in missing}
             if not unknown:
                 break
-            found = {} if whole else await self.store.rkey_owners(unknown)
+            found = {} if whole else await view.rkey_owners(unknown)
             for did, rkey in unknown:
                 owners[did][rkey] = found.get((did, rkey))
         for plan, salted in zip(plans, out, strict=True):
@@ -525,7 +577,7 @@ class Applier:
             known = []
         return chunks + (batches(known) if known else [])
 
-    async def _lane(self, plan: UserPlan, *, sweeping: bool) -> LaneResult:
+    async def _lane(self, plan: UserPlan, rtype: RecordType, *, sweeping: bool) -> LaneResult:
         """Send one user's writes. A refused `applyWrites` is retried one write at a time,
         once; a lane that cannot get through within the deadline is parked, and the batch,
         the checkpoint and the other users move on."""
@@ -536,10 +588,10 @@ class Applier:
             try:
                 for chunk in self._chunks(plan.writes):
                     try:
-                        result.sent.update(await self._send(account, chunk))
+                        result.sent.update(await self._send(account, chunk, rtype))
                     except Rejected as exc:
                         if len(chunk) > 1:
-                            await self._one_by_one(account, chunk, result)
+                            await self._one_by_one(account, chunk, rtype, result)
                         else:
                             _refuse(result, chunk[0], exc)
                     if sweeping:
@@ -582,29 +634,31 @@ class Applier:
         return Failure("erased", reason, 3600.0)
 
     async def _one_by_one(
-        self, account: Account, chunk: Sequence[Write], result: LaneResult
+        self, account: Account, chunk: Sequence[Write], rtype: RecordType, result: LaneResult
     ) -> None:
         for write in chunk:
             try:
-                result.sent.update(await self._send(account, [write]))
+                result.sent.update(await self._send(account, [write], rtype))
             except Rejected as exc:
                 _refuse(result, write, exc)
 
-    async def _send(self, account: Account, writes: Sequence[Write]) -> dict[Any, str | None]:
-        cids = await self.writer.send(account, writes)
+    async def _send(
+        self, account: Account, writes: Sequence[Write], rtype: RecordType
+    ) -> dict[Any, str | None]:
+        cids = await self.writer.send(account, writes, rtype.nsid)
         return {_key(w): cids.get(w.rkey) for w in writes}
 
     async def _report(
         self,
+        view: Store,
         plans: list[UserPlan],
         before: dict[ObjectId, LedgerEntry],
-        entries: list[LedgerEntry],
-        parked: list[tuple[UserPlan, ObjectId, str]],
-        failed: Mapping[ObjectId, str],
+        record: _Record,
         outcome: Outcome,
     ) -> None:
         """Dead letters: invalid documents, parked work, failed write-backs; cleared for moods
         that are fine again."""
+        entries, parked, failed = record.entries, record.parked, record.failed
         by_id = {e.mood_id: e for e in entries}
         user_of = {m.mood_id: p for p in plans for m in p.moods}
         letters: list[Letter] = []
@@ -629,7 +683,7 @@ class Applier:
                     did = entry.did or (plan.account.did if plan.account else None)
                     letters.append((mood_id, plan.user, did, entry.reason or "", "invalid"))
                     logger.bind(mood_id=str(mood_id), did=did).warning(
-                        "invalid mood: {}", entry.reason
+                        "invalid {}: {}", view.rtype.name, entry.reason
                     )
             elif (
                 entry.state is not State.PARKED
@@ -638,8 +692,8 @@ class Applier:
                 and prior.state in (State.INVALID, State.PARKED)
             ):
                 fixed.append(mood_id)
-        await self.store.dead_letter_many(letters)
-        await self.store.clear_dead_letters(fixed)
+        await view.dead_letter_many(letters)
+        await view.clear_dead_letters(fixed)
 
 
 ERASED = "user erased"
@@ -659,6 +713,7 @@ def _lanes_done(
 class _Record:
     """One `_execute`'s outcomes, recorded chunk by chunk as its lanes finish."""
 
+    view: Store
     generation: int | None
     before: Mapping[ObjectId, LedgerEntry]
     pending: Mapping[ObjectId, LedgerEntry]
@@ -746,12 +801,12 @@ def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
     outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
 
 
-def docs_fingerprint(docs: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
-    """What a concurrent writer could change in a user's documents (our own write-back
-    aside): the type's `fingerprint` fields and the `_id`s."""
-    items = [(str(d["_id"]), *(repr(d.get(f)) for f in fields)) for d in docs]
+def fingerprint(views: Sequence[Store], docs: Sequence[Sequence[Mapping[str, Any]]]) -> str:
+    """What a concurrent writer could change in a user's documents of each type (our own
+    write-back aside): the type's `fingerprint` fields and the `_id`s."""
+    items = [
+        (view.rtype.name, str(d["_id"]), *(repr(d.get(f)) for f in view.rtype.fingerprint))
+        for view, group in zip(views, docs, strict=True)
+        for d in group
+    ]
     return hashlib.sha256(orjson.dumps(items)).hexdigest()
-
-
-def _user_of(doc: dict[str, Any]) -> str | None:
-    return valid_user(doc.get("user"))  # not a usable sub: no lane of its own, no lookup

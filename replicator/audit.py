@@ -89,8 +89,9 @@ async def audit_users(
     `status` and `dlq list` give."""
     report = AuditReport(users=len(users))
     if whole:
-        report.moods_without_user = await store.moods_without_user()
-        report.invalid_without_user = await store.invalid_without_user()
+        for view in store.views:
+            report.moods_without_user += await view.moods_without_user()
+            report.invalid_without_user += await view.invalid_without_user()
     for sub in users:
         outcome = await dry.reconcile_user(sub, fix=True)
         report.outcome.merge(outcome)
@@ -99,7 +100,7 @@ async def audit_users(
             or outcome.counts["ledger_out_of_date"]
         ):
             report.diverged_users.append(sub)
-    report.dead_letters = await store.dead_letter_count()
+    report.dead_letters = sum([await view.dead_letter_count() for view in store.views])
     return report
 
 

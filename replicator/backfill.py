@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import orjson
 
-from .apply import Applier, Outcome, docs_fingerprint
+from .apply import Applier, Outcome
 from .desired import valid_user
 from .store import Store, sub_hash
 
@@ -128,11 +128,8 @@ async def reconcile_until_stable(applier: Applier, subs: Sequence[str], *, fix: 
         outcome.merge(done)
         if applier.dry_run:
             break
-        fields = applier.kind.fingerprint
-        now = await applier.store.moods_of_users(todo, fields)
-        todo = [
-            s for s in todo if docs_fingerprint(now.get(s, []), fields) != done.snapshots.get(s)
-        ]
+        now = await applier.fingerprints(todo)
+        todo = [s for s in todo if now[s] != done.snapshots.get(s)]
         if not todo:
             break
     return outcome

@@ -42,6 +42,7 @@ class Settings:
     create_indexes: bool = True  # the index on the app's `moods`; False: only warn if missing
     # The PDS's own PDS_RATE_LIMIT_BYPASS_KEY: sent as `x-ratelimit-bypass` (a secret).
     rate_limit_bypass_key: str | None = field(default=None, repr=False)
+    record_types: tuple[str, ...] = ("mood",)  # recordtypes.TYPES by name
 
     def __repr__(self) -> str:  # the URI may hold a password
         return f"Settings(db={self.db_name!r}, pds={self.pds_url!r}, names={self.names!r})"

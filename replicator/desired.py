@@ -49,22 +49,22 @@ def valid_user(value: Any) -> str | None:
     return value if isinstance(value, str) and user_problem(value) is None else None
 
 
-def bad_id_reason(value: Any, kind: RecordType) -> str:
+def bad_id_reason(value: Any, rtype: RecordType) -> str:
     """Reason for a document whose `_id` is not an ObjectId: it has no `ref`, no derived rkey."""
-    return f"_id is not an ObjectId ({got(value)}): a {kind.name} needs one to be mirrored"
+    return f"_id is not an ObjectId ({got(value)}): a {rtype.name} needs one to be mirrored"
 
 
-def record_of(kind: RecordType, doc: Mapping[str, Any], doc_id: ObjectId) -> tuple[Record, str]:
+def record_of(rtype: RecordType, doc: Mapping[str, Any], doc_id: ObjectId) -> tuple[Record, str]:
     """The validated record and its content hash (computed once: it keys the validation
     cache and is what the ledger compares)."""
-    record = kind.build(doc, doc_id)
+    record = rtype.build(doc, doc_id)
     key = content_hash(record)
     try:
-        _validate(record, key, kind.nsid)
+        _validate(record, key, rtype.nsid)
     except InvalidDocument as exc:
         field, _, rest = str(exc).partition(":")
-        if field in kind.sources:
-            raise InvalidDocument(f"{kind.sources[field]} ({field}):{rest}") from None
+        if field in rtype.sources:
+            raise InvalidDocument(f"{rtype.sources[field]} ({field}):{rest}") from None
         raise
     return record, key
 
@@ -103,14 +103,14 @@ def _validate(record: Record, key: str, nsid: str) -> None:
         _VALID.popitem(last=False)
 
 
-def doc_rkey(kind: RecordType, doc: Mapping[str, Any]) -> str | None:
+def doc_rkey(rtype: RecordType, doc: Mapping[str, Any]) -> str | None:
     """The document's own rkey (a public permalink) when it is a usable TID.
 
     Anything else (the write-back location not an object, no `rkey`, an rkey that is not a
     TID) is ignored: the document gets the TID derived from its ObjectId, which is then
     written back.
     """
-    where = doc.get(kind.write_back)
+    where = doc.get(rtype.write_back)
     if isinstance(where, Mapping):
         rkey = where.get("rkey")
         if tid.is_tid(rkey):
@@ -119,29 +119,29 @@ def doc_rkey(kind: RecordType, doc: Mapping[str, Any]) -> str | None:
 
 
 def desired_state(
-    kind: RecordType, doc_id: ObjectId, doc: Mapping[str, Any] | None, *, has_account: bool
+    rtype: RecordType, doc_id: ObjectId, doc: Mapping[str, Any] | None, *, has_account: bool
 ) -> Desired:
     """The record a document should have: present iff the document exists, is ours, is not
     soft-deleted, its owner has an account and it makes a valid record."""
     if doc is None:
         return Desired(doc_id, None, State.ABSENT, reason=DOCUMENT_DELETED)
-    user = valid_user(doc.get(kind.owner))
-    if (foreign := kind.foreign(doc)) is not None:
+    user = valid_user(doc.get(rtype.owner))
+    if (foreign := rtype.foreign(doc)) is not None:
         # Not ours: its write-back location is someone else's (never read as our permalink).
         return Desired(doc_id, user, State.SKIPPED, reason=foreign)
-    rkey = doc_rkey(kind, doc)
-    if (deleted := kind.deleted(doc)) is not None:
+    rkey = doc_rkey(rtype, doc)
+    if (deleted := rtype.deleted(doc)) is not None:
         return Desired(doc_id, user, State.ABSENT, doc_rkey=rkey, reason=deleted)
     if user is None:
-        problem = user_problem(doc.get(kind.owner), kind.owner in doc, kind.owner)
-        if kind.ownerless == "skip":
+        problem = user_problem(doc.get(rtype.owner), rtype.owner in doc, rtype.owner)
+        if rtype.ownerless == "skip":
             return Desired(doc_id, None, State.SKIPPED, doc_rkey=rkey,
                            reason=f"no owner ({problem}): not mirrored")  # fmt: skip
         return Desired(doc_id, None, State.INVALID, doc_rkey=rkey, reason=problem)
     if not has_account:
         return Desired(doc_id, user, State.SKIPPED, doc_rkey=rkey, reason="no ATProto account")
     try:
-        record, key = record_of(kind, doc, doc_id)
+        record, key = record_of(rtype, doc, doc_id)
     except InvalidDocument as exc:
         return Desired(doc_id, user, State.INVALID, doc_rkey=rkey, reason=str(exc))
     return Desired(doc_id, user, State.PRESENT, record, key, rkey)

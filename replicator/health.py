@@ -22,6 +22,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -163,10 +164,14 @@ class Monitor:
         await self._probe_pds()
         store = self.rt.store
         try:
-            counts = await store.ledger_counts()
+            counts: Counter[str] = Counter()
+            letters = 0
+            for view in store.views:  # every type's, together
+                counts.update(await view.ledger_counts())
+                letters += await view.dead_letter_count()
             for state in {*(s.value for s in State), *counts}:
                 metrics.LEDGER.labels(state).set(counts.get(state, 0))
-            metrics.DEAD_LETTERS.set(await store.dead_letter_count())
+            metrics.DEAD_LETTERS.set(letters)
             parked = await store.parked_accounts()
             metrics.observe_parked_accounts((p.kind, p.reason) for p in parked)
         except PyMongoError as exc:

@@ -35,7 +35,6 @@ from .errors import (
 from .lease import Fence
 from .model import RemoteRecord, Write
 
-MOOD_COLLECTION = "computer.aesthetic.mood"
 # `getRepoStatus`'s `status`, as the error name a write to such an account answers.
 _STATUS_ERRORS = {"deactivated": "AccountDeactivated", "takendown": "AccountTakedown",
                   "suspended": "RepoSuspended"}  # fmt: skip
@@ -192,7 +191,7 @@ class Pds:
 
     # -- unauthenticated reads -------------------------------------------------------------
 
-    async def list_records(self, did: str, collection: str = MOOD_COLLECTION) -> list[RemoteRecord]:
+    async def list_records(self, did: str, collection: str) -> list[RemoteRecord]:
         """Every record of the collection: pages until the server returns no cursor.
 
         A deactivated or taken-down repo answers "Could not find repo", as a deleted one does;
@@ -251,7 +250,7 @@ class Pds:
         return await self.xrpc("_health")
 
 
-def write_op(write: Write, collection: str = MOOD_COLLECTION) -> dict[str, Any]:
+def write_op(write: Write, collection: str) -> dict[str, Any]:
     """One `applyWrites` operation; `create` only where the record is known to be absent."""
     if write.action == "delete":
         return {
@@ -277,7 +276,7 @@ def batches(writes: Sequence[Write]) -> list[Sequence[Write]]:
     out: list[Sequence[Write]] = []
     start, size = 0, 0
     for i, write in enumerate(writes):
-        op_size = len(orjson.dumps(write_op(write)))
+        op_size = len(orjson.dumps(write_op(write, "")))  # + the collection: well within
         if i > start and (i - start >= APPLY_WRITES_MAX or size + op_size > MAX_BODY_BYTES):
             out.append(writes[start:i])
             start, size = i, 0
@@ -287,10 +286,10 @@ def batches(writes: Sequence[Write]) -> list[Sequence[Write]]:
     return out
 
 
-def single_body(did: str, write: Write) -> dict[str, Any]:
+def single_body(did: str, write: Write, collection: str) -> dict[str, Any]:
     """`putRecord` / `deleteRecord` input, with `swapRecord` where the ledger is sure: the
     record's CID, or null for "must not exist" (a create)."""
-    body: dict[str, Any] = {"repo": did, "collection": MOOD_COLLECTION, "rkey": write.rkey}
+    body: dict[str, Any] = {"repo": did, "collection": collection, "rkey": write.rkey}
     if write.action == "put":
         body["record"] = write.record
     send, cid = write.swap

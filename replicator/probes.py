@@ -4,7 +4,7 @@ was seen to `replicator.preflight`, which judges it.
 Privileges are tried, not read from the user's roles: roles can be inherited, custom, or
 scoped to collections, and only the server knows what they add up to. Every operation is one
 the replicator itself performs, on the same collections, with the same options (the change
-streams are opened through `Store.watch_moods` / `Store.watch_users`), and none changes the
+streams are opened through `Store.watch_docs` / `Store.watch_users`), and none changes the
 app's data: the update on `moods` matches nothing, the write probe goes to a collection of
 its own (`replicator_preflight`), the only thing created is the `moods.user` index that
 `run` would create at start anyway, and a session obtained for a sampled account is saved
@@ -139,21 +139,18 @@ async def check_privileges(store: Store, *, create_index: bool = True) -> list[R
     """Each privilege `run` needs, by doing what `run` does."""
     db, names = store.db.name, store.names
 
-    async def watch_moods() -> None:
-        await (await store.watch_moods(None, max_await_ms=100, batch_size=1)).close()
+    async def watch_docs() -> None:
+        await (await store.watch_docs(None, max_await_ms=100, batch_size=1)).close()
 
     async def watch_users() -> None:
         await (await store.watch_users(None, max_await_ms=100)).close()
 
-    async def update_nothing() -> None:
-        # Matches nothing (a fresh ObjectId), and still needs the update privilege.
-        await store.moods.update_one({"_id": ObjectId()}, {"$set": {"atproto.rkey": "-"}})
-
+    views = store.views
+    watched = ", ".join(v.collection for v in views)
+    where = f"{db}.{views[0].collection}" if len(views) == 1 else f"the database {db}"
     results = [
         await _attempt(
-            f"changeStream {names.moods}",
-            watch_moods,
-            _grant("changeStream and find", f"{db}.{names.moods}"),
+            f"changeStream {watched}", watch_docs, _grant("changeStream and find", where)
         ),
         await _attempt(
             f"changeStream {names.users}",
@@ -161,7 +158,7 @@ async def check_privileges(store: Store, *, create_index: bool = True) -> list[R
             _grant("changeStream and find", f"{db}.{names.users}"),
         ),
     ]
-    for coll in (store.moods, store.users, store.handles):
+    for coll in (*(v.docs for v in views), store.users, store.handles):
 
         async def find_one(c: Any = coll) -> None:
             await c.find_one({}, {"_id": 1})
@@ -169,54 +166,68 @@ async def check_privileges(store: Store, *, create_index: bool = True) -> list[R
         results.append(
             await _attempt(f"find {coll.name}", find_one, _grant("find", f"{db}.{coll.name}"))
         )
+    for view in views:
+        results += await _check_type(view, create_index=create_index)
+    results.append(await check_own_collections(store))
+    return results
+
+
+async def _check_type(view: Store, *, create_index: bool) -> list[Result]:
+    """The write-back, the owner index and pre-images of one type's collection."""
+    db, name, back = view.db.name, view.collection, view.rtype.write_back
+    results: list[Result] = []
+
+    async def update_nothing() -> None:
+        # Matches nothing (a fresh ObjectId), and still needs the update privilege.
+        await view.docs.update_one({"_id": ObjectId()}, {"$set": {f"{back}.rkey": "-"}})
+
     listing: Result | None = None
     options: dict[str, Any] | None = None
     try:
-        options = await collection_options(store)
+        options = await collection_options(view)
     except PyMongoError as exc:
         fix = _grant("listCollections", f"the database {db}")
         listing = judge.fail("pre-images", f"cannot list collections: {mongo_error(exc)}", fix)
-    update = f"update {names.moods}"
+    update = f"update {name}"
     if listing is None and options is None:
-        # No write is aimed at a `moods` that does not exist (as in `Store.ensure_indexes`):
-        # a server may create the collection for it, where one was dropped or renamed away.
-        results.append(judge.warn(update, f"not checked: {names.moods} does not exist"))
+        # No write is aimed at a collection that does not exist (as in `ensure_indexes`): a
+        # server may create the collection for it, where one was dropped or renamed away.
+        results.append(judge.warn(update, f"not checked: {name} does not exist"))
     else:
         results.append(
             await _attempt(
                 update,
                 update_nothing,
-                _grant("update", f"{db}.{names.moods}") + " (the atproto.rkey write-back)",
+                _grant("update", f"{db}.{name}") + f" (the {back}.rkey write-back)",
             )
         )
     if listing is not None:
         results.append(listing)
     else:
-        results.append(await check_index(store, exists=options is not None, create=create_index))
-        results.append(judge.judge_preimages(options, names.moods))
-    results.append(await check_own_collections(store))
+        results.append(await check_index(view, exists=options is not None, create=create_index))
+        results.append(judge.judge_preimages(options, name))
     return results
 
 
 async def collection_options(store: Store) -> dict[str, Any] | None:
-    """`moods`'s options from listCollections; None when it does not exist."""
-    cursor = await store.db.list_collections(filter={"name": store.names.moods})
+    """The type's collection's options from listCollections; None when it does not exist."""
+    cursor = await store.db.list_collections(filter={"name": store.collection})
     async for info in cursor:
         return dict(info.get("options") or {})
     return None
 
 
 async def check_index(store: Store, *, exists: bool, create: bool = True) -> Result:
-    """Present (any index led by `user`), else created as `Store.ensure_indexes` does; with
-    `--no-create-indexes`, a warning with the command instead, as `run` gives."""
-    moods = store.names.moods
+    """Present (any index led by the owner field), else created as `Store.ensure_indexes`
+    does; with `--no-create-indexes`, a warning with the command instead, as `run` gives."""
+    moods, owner = store.collection, store.rtype.owner
     if not exists:
         return judge.judge_index(False, False, f"{moods} does not exist", moods)
     try:
-        present = await store.has_index(moods, ["user"])
+        present = await store.has_index(moods, [owner])
     except PyMongoError as exc:
         return judge.fail(
-            f"index {moods}.user",
+            f"index {moods}.{owner}",
             f"cannot list indexes: {mongo_error(exc)}",
             _grant("listIndexes", f"{store.db.name}.{moods}"),
         )
@@ -225,7 +236,7 @@ async def check_index(store: Store, *, exists: bool, create: bool = True) -> Res
     if not create:
         return judge.judge_index(False, False, None, moods)
     try:
-        await store.moods.create_index("user")
+        await store.docs.create_index(owner)
     except PyMongoError as exc:
         return judge.judge_index(False, False, mongo_error(exc), moods)
     return judge.judge_index(False, True, None, moods)

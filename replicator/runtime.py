@@ -17,7 +17,7 @@ from .identity import Directory
 from .lease import Fence, Lease
 from .logs import redact_uri
 from .pds import Pds
-from .recordtypes import MOOD
+from .recordtypes import enabled
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
 from .store import Store, open_client
@@ -68,8 +68,8 @@ async def open_runtime(
     it; otherwise writes carry the lease generation current when the runtime opens.
     `require_pds`: a command fails at once (`Unavailable`) on a PDS that does not answer,
     rather than after retrying every user's calls (the sidecar waits for it instead).
-    `require_moods`: a database without the `moods` collection is a usage error
-    (`ConfigError`), before anything is created in it (commands.common.require_moods)."""
+    `require_moods`: a database without the collection of a type mirrored is a usage error
+    (`ConfigError`), before anything is created in it (`Store.require_collections`)."""
     pds = Pds(
         settings.pds_url, http=http, timeout=settings.http_timeout, retry_timeout=retry_timeout,
         on_request=metrics.observe_pds_request, on_retry=metrics.observe_retry,
@@ -78,11 +78,13 @@ async def open_runtime(
     plc = httpx.AsyncClient(timeout=10.0)
     try:
         async with open_client(settings.mongodb_uri) as client, task_group() as tg:
-            store = Store(client, settings.db_name, settings.names)
+            store = Store(
+                client, settings.db_name, settings.names, rtypes=enabled(settings.record_types)
+            )
             if settings.dry_run:
                 store.checkpoint_name += ":dry-run"
             if require_moods:
-                await store.require_moods()
+                await store.require_collections()
             await store.ensure_indexes(create_app_indexes=settings.create_indexes)
             if require_pds and (error := await pds.unreachable()) is not None:
                 raise Unavailable(f"PDS {redact_uri(settings.pds_url)}: {error}: check PDS_URL, "
@@ -106,7 +108,6 @@ async def open_runtime(
             applier = Applier(
                 store,
                 writer,
-                kind=MOOD,
                 gate=gate,
                 concurrency=settings.concurrency,
                 dry_run=settings.dry_run,

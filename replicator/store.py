@@ -9,6 +9,7 @@ without a date parser.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -46,15 +47,18 @@ from .errors import ConfigError, OperatorError, Unavailable
 from .lease import Fence, Fenced
 from .logs import redact_uri
 from .model import Account, LedgerEntry, Location, State
+from .recordtypes import MOOD, RecordType
 from .sessions import Session, session_from_doc, session_to_doc
 
-# What the stream loop reads of a moods change event: which document, what happened, when.
+# What the stream loop reads of a change event of a mirrored collection: which document,
+# what happened, when.
 # The document itself is read by `_id` when the event is applied (so a replay converges on
 # the current state), so nothing of it is asked for: no `updateLookup`, and a document near
 # 16 MB cannot make an event too large to return (a crash loop: such an event cannot be
-# resumed past). The pre-image's `user` names the owner of a purged mood the ledger never
-# knew, where the collection has pre-images on (docs/deploy.md).
-MOODS_EVENT = {
+# resumed past). The pre-image's owner field (`user`; each type's own is added) names the
+# owner of a purged document the ledger never knew, where the collection has pre-images on
+# (docs/deploy.md).
+DOC_EVENT = {
     "operationType": 1, "documentKey": 1, "ns": 1, "to": 1, "clusterTime": 1, "wallTime": 1,
     "fullDocumentBeforeChange.user": 1,
 }  # fmt: skip
@@ -71,16 +75,24 @@ Doc = dict[str, Any]
 
 @dataclass(frozen=True)
 class Names:
-    """Collection names; the production names are the defaults."""
+    """Collection names; the production names are the defaults. `moods`: the mood type's
+    collection (REPLICATOR_MOODS_COLLECTION); it also names the one stream's checkpoint and
+    lease, as it did before there were other types (an upgrade keeps them)."""
 
     moods: str = "moods"
     users: str = "users"
     handles: str = "@handles"
     prefix: str = "replicator_"
 
-    @property
-    def ledger(self) -> str:
-        return f"{self.prefix}ledger"
+    def collection(self, rtype: RecordType) -> str:
+        """The app's collection of a type: as declared, the mood type's as configured."""
+        return self.moods if rtype.name == MOOD.name else rtype.collection
+
+    def ledger(self, rtype: RecordType) -> str:
+        return f"{self.prefix}ledger{rtype.suffix}"
+
+    def dead_letters(self, rtype: RecordType) -> str:
+        return f"{self.prefix}dead_letters{rtype.suffix}"
 
     @property
     def state(self) -> str:
@@ -89,10 +101,6 @@ class Names:
     @property
     def sessions(self) -> str:
         return f"{self.prefix}sessions"
-
-    @property
-    def dead_letters(self) -> str:
-        return f"{self.prefix}dead_letters"
 
     @property
     def accounts(self) -> str:
@@ -287,7 +295,10 @@ class Store:
         db_name: str,
         names: Names,
         fence: Fence | None = None,
+        rtypes: Sequence[RecordType] = (MOOD,),
     ) -> None:
+        """`rtypes`: the record types mirrored; this store reads and writes the first one's
+        documents, ledger and dead letters (`of` gives another's), and the rest is shared."""
         self.client = client
         self.fence = fence or Fence()
         # Invalid UTF-8 and dates outside the years 1-9999 decode (to lone surrogates, to
@@ -305,18 +316,38 @@ class Store:
             write_concern=WriteConcern("majority"),
         )
         self.names = names
-        self.moods: AsyncCollection[Doc] = self.db[names.moods]
+        self.rtypes = tuple(rtypes)
         self.users: AsyncCollection[Doc] = self.db[names.users]
         self.handles: AsyncCollection[Doc] = self.db[names.handles]
-        self.ledger: AsyncCollection[Doc] = self.db[names.ledger]
         self.state: AsyncCollection[Doc] = self.db[names.state]
         self.sessions: AsyncCollection[Doc] = self.db[names.sessions]
-        self.dead_letters: AsyncCollection[Doc] = self.db[names.dead_letters]
         self.parked: AsyncCollection[Doc] = self.db[names.accounts]
         self.erasures: AsyncCollection[Doc] = self.db[names.erasures]
         self.runs: AsyncCollection[Doc] = self.db[f"{names.prefix}backfill"]
         # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
         self.checkpoint_name = f"checkpoint:{names.moods}"
+        self._bind(self.rtypes[0])
+
+    def _bind(self, rtype: RecordType) -> None:
+        self.rtype = rtype
+        self.collection = self.names.collection(rtype)
+        self.docs: AsyncCollection[Doc] = self.db[self.collection]
+        self.ledger: AsyncCollection[Doc] = self.db[self.names.ledger(rtype)]
+        self.dead_letters: AsyncCollection[Doc] = self.db[self.names.dead_letters(rtype)]
+
+    def of(self, rtype: RecordType) -> Store:
+        """This store for `rtype`'s documents, ledger and dead letters; everything else (users,
+        sessions, positions, erasures, the fence) is the same objects."""
+        if rtype is self.rtype:
+            return self
+        view = copy.copy(self)
+        view._bind(rtype)
+        return view
+
+    @property
+    def views(self) -> list[Store]:
+        """One view per record type mirrored (this one first)."""
+        return [self.of(t) for t in self.rtypes]
 
     async def ensure_indexes(self, *, create_app_indexes: bool = True) -> None:
         """The ledger's own, and `moods.user`: the backfill, the audit and the purge sweep read
@@ -325,12 +356,15 @@ class Store:
         user may), and a missing one is a warning with the command that creates it. Never on a
         `moods` that does not exist: that would create an empty collection where one was
         dropped or renamed away."""
-        if await self.moods_exists():
-            await self._ensure_app_index(self.names.moods, {"user": 1}, create_app_indexes)
-        await self.ledger.create_index("user")
-        await self.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
-        await self.ledger.create_index("state")
-        await self.dead_letters.create_index("user")
+        for view in self.views:
+            if await view.docs_exist():
+                await self._ensure_app_index(
+                    view.collection, {view.rtype.owner: 1}, create_app_indexes
+                )
+            await view.ledger.create_index("user")
+            await view.ledger.create_index("rkey")  # TIDs are near-unique: the selective key
+            await view.ledger.create_index("state")
+            await view.dead_letters.create_index("user")
         await self.sessions.create_index("sub")
 
     async def has_index(self, name: str, fields: Sequence[str]) -> bool:
@@ -385,7 +419,7 @@ class Store:
         return [d for part in found for d in part]
 
     async def moods_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, Doc]:
-        return {d["_id"]: d for d in await self._find_in(self.moods, "_id", list(ids))}
+        return {d["_id"]: d for d in await self._find_in(self.docs, "_id", list(ids))}
 
     async def moods_of_user(self, sub: str) -> list[Doc]:
         return (await self.moods_of_users([sub])).get(sub, [])
@@ -396,9 +430,10 @@ class Store:
         """Each user's moods, in `_id` order (the `moods.user` index serves it); `fields`:
         only those (and `_id`, `user`)."""
         found: dict[str, list[Doc]] = {}
-        projection = dict.fromkeys([*fields, "user"], 1) if fields is not None else None
-        for doc in await self._find_in(self.moods, "user", list(subs), projection):
-            found.setdefault(str(doc.get("user")), []).append(doc)
+        owner = self.rtype.owner
+        projection = dict.fromkeys([*fields, owner], 1) if fields is not None else None
+        for doc in await self._find_in(self.docs, owner, list(subs), projection):
+            found.setdefault(str(doc.get(owner)), []).append(doc)
         for docs in found.values():
             docs.sort(key=lambda d: _id_order(d["_id"]))
         return found
@@ -422,8 +457,8 @@ class Store:
 
     async def user_of_mood(self, mood_id: Any) -> Any:
         """The `user` field of a mood, read by `_id` (any `_id`, an unusable one included)."""
-        doc = await self.moods.find_one({"_id": mood_id}, {"user": 1})
-        return (doc or {}).get("user")
+        doc = await self.docs.find_one({"_id": mood_id}, {self.rtype.owner: 1})
+        return (doc or {}).get(self.rtype.owner)
 
     async def resolve_user(self, who: str) -> str | None:
         """A sub, or `@handle` looked up in the handles collection."""
@@ -447,7 +482,9 @@ class Store:
         for start in range(0, len(items), IN_CHUNK):
             chunk = dict(items[start : start + IN_CHUNK])
             try:
-                await self.moods.update_many({"_id": {"$in": list(chunk)}}, _rkey_pipeline(chunk))
+                await self.docs.update_many(
+                    {"_id": {"$in": list(chunk)}}, _rkey_pipeline(chunk, self.rtype.write_back)
+                )
             except OperationFailure:
                 failed |= await self._write_back_each(chunk)
         return failed
@@ -456,9 +493,10 @@ class Store:
         failed: dict[ObjectId, str] = {}
         for mood_id, rkey in rkeys.items():
             try:
-                await self.moods.update_one({"_id": mood_id}, _rkey_pipeline({mood_id: rkey}))
+                pipeline = _rkey_pipeline({mood_id: rkey}, self.rtype.write_back)
+                await self.docs.update_one({"_id": mood_id}, pipeline)
             except OperationFailure as exc:
-                failed[mood_id] = f"write-back of atproto.rkey failed: {exc}"
+                failed[mood_id] = f"write-back of {self.rtype.write_back}.rkey failed: {exc}"
         return failed
 
     # -- ledger -----------------------------------------------------------------------------
@@ -620,16 +658,27 @@ class Store:
 
     # -- change streams and checkpoints -------------------------------------------------------
 
-    async def watch_moods(
+    async def watch_docs(
         self, token: Mapping[str, Any] | None, *, max_await_ms: int, batch_size: int
     ) -> AsyncChangeStream[Doc]:
-        return await self.moods.watch(
-            [{"$project": MOODS_EVENT}],
+        """One stream for every mirrored type's collection, one position, one checkpoint: the
+        collection's own stream when one type is mirrored (the privileges of a release before
+        types: `changeStream` on that collection), else the database's, filtered by namespace
+        (and what ends it: the database dropped), which needs `changeStream` on the database.
+        A token the other kind of stream cannot resume from is a lost history: reconciled."""
+        colls = sorted({view.collection for view in self.views})
+        owners = {f"fullDocumentBeforeChange.{v.rtype.owner}": 1 for v in self.views}
+        match = {"$or": [{"ns.coll": {"$in": colls}},
+                         {"operationType": {"$in": ["dropDatabase", "invalidate"]}}]}  # fmt: skip
+        target = self.db[colls[0]] if len(colls) == 1 else self.db
+        stream: AsyncChangeStream[Doc] = await target.watch(
+            [{"$match": match}, {"$project": {**DOC_EVENT, **owners}}],
             start_after=dict(token) if token else None,
             full_document_before_change="whenAvailable",
             max_await_time_ms=max_await_ms,
             batch_size=batch_size,
         )
+        return stream
 
     async def watch_users(
         self, token: Mapping[str, Any] | None, *, max_await_ms: int
@@ -677,20 +726,23 @@ class Store:
             {"_id": self._checkpoint_id()}, {"$unset": dict.fromkeys(names, "")}
         )
 
-    async def require_moods(self, *, empty_ok: bool = False) -> None:
+    async def require_collections(self, *, empty_ok: bool = False) -> None:
         """`ConfigError` (a usage error: exit 2, nothing created) unless the database has the
-        `moods` collection, or `empty_ok` says one without it is meant: a wrong MONGODB_NAME
-        would otherwise read as an empty, healthy deployment. Names the databases of the
-        server that have one."""
-        if empty_ok or await self.moods_exists():
+        collection of every type mirrored, or `empty_ok` says one without it is meant: a wrong
+        MONGODB_NAME would otherwise read as an empty, healthy deployment. Names the
+        databases of the server that have the first one missing."""
+        if empty_ok:
             return
-        moods = self.names.moods
-        elsewhere = await self._databases_with(moods)
-        hint = (f"; databases here with a {moods!r} collection: {', '.join(elsewhere)}"
+        missing = [v.collection for v in self.views if not await v.docs_exist()]
+        if not missing:
+            return
+        elsewhere = await self._databases_with(missing[0])
+        hint = (f"; databases here with a {missing[0]!r} collection: {', '.join(elsewhere)}"
                 if elsewhere else "")  # fmt: skip
+        names = " or ".join(map(repr, missing))
         raise ConfigError(
-            f"database {self.db.name!r} has no {moods!r} collection: check MONGODB_NAME / "
-            f"--db (the dev stack's is 'aesthetic_dev'){hint}. If it is meant (no mood "
+            f"database {self.db.name!r} has no {names} collection: check MONGODB_NAME / "
+            f"--db (the dev stack's is 'aesthetic_dev'){hint}. If it is meant (nothing "
             "written yet), add --empty-ok"
         )
 
@@ -709,18 +761,21 @@ class Store:
         except PyMongoError:
             return []
 
-    async def moods_exists(self) -> bool:
-        return self.names.moods in await self.db.list_collection_names(
-            filter={"name": self.names.moods}
-        )
+    async def docs_exist(self) -> bool:
+        """This type's collection exists (`list_collection_names`: no document is read)."""
+        name = self.collection
+        return name in await self.db.list_collection_names(filter={"name": name})
 
     async def users_in_scope(self) -> list[str]:
-        """Every user who has moods, ledger entries, or an ATProto account: a purged user whose
-        records the ledger never knew is still someone to clean up."""
-        found = set(await self.moods.distinct("user")) | set(await self.ledger.distinct("user"))
-        found |= set(await self.users.distinct("_id", {"atproto.did": {"$type": "string"}}))
+        """Every user who has documents of a type mirrored, ledger entries, or an ATProto
+        account: a purged user whose records the ledger never knew is still someone to clean
+        up."""
+        found = set(await self.users.distinct("_id", {"atproto.did": {"$type": "string"}}))
         found |= set(await self.sessions.distinct("sub")) | set(await self.parked.distinct("sub"))
-        found |= set(await self.dead_letters.distinct("user"))
+        for view in self.views:
+            found |= set(await view.docs.distinct(view.rtype.owner))
+            found |= set(await view.ledger.distinct("user"))
+            found |= set(await view.dead_letters.distinct("user"))
         return sorted(u for u in found if isinstance(u, str))
 
     # -- backfill and recovery runs: resumable, user by user ------------------------------------
@@ -845,9 +900,11 @@ class Store:
         named = {"$or": [{"user": sub}, {"did": {"$in": ids}}]}
         await self.parked.delete_many({"$or": [{"sub": sub}, {"_id": {"$in": ids}}]})
         await self.sessions.delete_many({"$or": [{"sub": sub}, {"_id": {"$in": ids}}]})
-        await self.dead_letters.delete_many(named)
+        for view in self.views:
+            await view.dead_letters.delete_many(named)
         await self.runs.delete_many({"_id": sub})  # progress marks of earlier releases
-        await self.ledger.delete_many(named)
+        for view in self.views:
+            await view.ledger.delete_many(named)
         await self.erasures.update_one(
             {"_id": sub_hash(sub)},
             {"$set": {"erased_at": time.time()}, "$unset": {"sub": "", "dids": ""},
@@ -908,9 +965,10 @@ class Store:
 
     async def moods_without_user(self) -> int:
         """Moods whose `user` is missing, not a string or empty: no user's to reconcile."""
-        query = {"$or": [{"user": {"$exists": False}}, {"user": {"$not": {"$type": "string"}}},
-                         {"user": ""}]}  # fmt: skip
-        return await self.moods.count_documents(query)
+        owner = self.rtype.owner
+        query = {"$or": [{owner: {"$exists": False}}, {owner: {"$not": {"$type": "string"}}},
+                         {owner: ""}]}  # fmt: skip
+        return await self.docs.count_documents(query)
 
     async def invalid_without_user(self) -> int:
         """Invalid moods of no user (no usable `user`): reported, but in no user's scope."""
@@ -927,14 +985,14 @@ class Store:
         return out
 
 
-def _rkey_pipeline(rkeys: Mapping[ObjectId, str]) -> list[Doc]:
-    """`$set atproto.rkey` to each document's own rkey, looked up by its `_id` (a string key:
-    ObjectIds as hex, as `$toString` gives them); an `atproto` that is not an object (bad
+def _rkey_pipeline(rkeys: Mapping[ObjectId, str], where: str) -> list[Doc]:
+    """`$set <where>.rkey` to each document's own rkey, looked up by its `_id` (a string key:
+    ObjectIds as hex, as `$toString` gives them); a `<where>` that is not an object (bad
     input) becomes `{rkey}`. MongoDB 5.0+ (`$getField`)."""
     by_id = {str(i): r for i, r in rkeys.items()}
     rkey = {"$getField": {"field": {"$toString": "$_id"}, "input": {"$literal": by_id}}}
-    kept = {"$cond": [{"$eq": [{"$type": "$atproto"}, "object"]}, "$atproto", {}]}
-    return [{"$set": {"atproto": {"$mergeObjects": [kept, {"rkey": rkey}]}}}]
+    kept = {"$cond": [{"$eq": [{"$type": f"${where}"}, "object"]}, f"${where}", {}]}
+    return [{"$set": {where: {"$mergeObjects": [kept, {"rkey": rkey}]}}}]
 
 
 def _id_order(value: Any) -> tuple[int, float, str]:

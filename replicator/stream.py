@@ -40,10 +40,11 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import crashpoints
-from .apply import Applier
+from .apply import Applier, Outcome
 from .backfill import Backfill
 from .desired import bad_id_reason, valid_user
 from .lease import Fenced, Lease
+from .recordtypes import MOOD
 from .store import Doc, Store
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
@@ -180,12 +181,20 @@ class Replicator:
         self._users_saved_at: float | None = None
 
     @property
+    def _types(self) -> list[str]:
+        return [t.name for t in self.store.rtypes]
+
+    @property
+    def _watched(self) -> str:
+        return ", ".join(repr(v.collection) for v in self.store.views)
+
+    @property
     def idle(self) -> bool:
         """Caught up: nothing read and not yet applied (lag 0)."""
         return self.oldest_unapplied_at is None
 
     async def _watch(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
-        return await self.store.watch_moods(
+        return await self.store.watch_docs(
             token, max_await_ms=self.max_await_ms, batch_size=self.batch_size
         )
 
@@ -271,17 +280,18 @@ class Replicator:
         if checkpoint.get("recovery"):
             return await self._recover(checkpoint["recovery"])
         if first and self.reset_position:
-            if not await self.store.moods_exists():
+            missing = [v.collection for v in self.store.views if not await v.docs_exist()]
+            if missing:
                 raise StreamInvalidated(
-                    f"--reset-position: the collection {self.store.names.moods!r} does not "
-                    "exist; restore or create it first (every record would be deleted)"
+                    f"--reset-position: the collection {', '.join(map(repr, missing))} does "
+                    "not exist; restore or create it first (every record would be deleted)"
                 )
             logger.warning("--reset-position: starting at the current position and "
                            "reconciling every user")  # fmt: skip
             return await self._recover(None, kind="reset")
         if checkpoint.get("invalidated"):
             raise StreamInvalidated(
-                f"the change stream on {self.store.names.moods!r} ended with "
+                f"the change stream on {self._watched} ended with "
                 f"{checkpoint['invalidated']!r} (the collection was dropped or renamed). Check "
                 "the collection, then restart with `replicator run --reset-position`"
             )
@@ -290,9 +300,16 @@ class Replicator:
         if token is None:
             logger.info(
                 "no checkpoint for {}: starting at the current position; "
-                "run `replicator backfill` to mirror the moods that exist already",
-                self.store.names.moods,
+                "run `replicator backfill` to mirror the documents that exist already",
+                self._watched,
             )
+        # A type enabled since the checkpoint was saved (a release before types mirrored
+        # moods alone): its documents that exist are mirrored first, as after a lost history.
+        known = checkpoint.get("types") or [MOOD.name]
+        if token is not None and (added := [t for t in self._types if t not in known]):
+            logger.warning("record types newly enabled ({}): reconciling every user before "
+                           "following the stream", ", ".join(added))  # fmt: skip
+            return await self._recover(None, kind="types added")
         try:
             stream = await self._open_stream(token)
         except OperationFailure as exc:
@@ -350,7 +367,7 @@ class Replicator:
         users = [u for u in await self.store.users_in_scope() if valid_user(u)]
         backfill = Backfill(self.applier, fix=True, name=run, on_progress=_recovery_progress)
         report = await backfill.run(users, scope="every user")
-        await self.store.save_checkpoint(recovery["token"])
+        await self.store.save_checkpoint(recovery["token"], types=self._types)
         await self.store.clear_checkpoint_marks("recovery", "invalidated")
         self._saved_token = recovery["token"]
         self.last_checkpoint_at = self._clock()
@@ -403,7 +420,8 @@ class Replicator:
         return batch
 
     async def _apply_batch(self, stream: AsyncChangeStream[Doc], batch: list[Doc]) -> None:
-        ids: list[ObjectId] = []
+        views = {view.collection: view for view in self.store.views}
+        ids: dict[str, list[ObjectId]] = {}  # by collection
         owners: dict[ObjectId, str] = {}
         end: Doc | None = None
         applied_upto: Mapping[str, Any] | None = None
@@ -413,32 +431,37 @@ class Replicator:
                 end = change
                 break
             applied_upto = change["_id"]
-            if op not in _DOC_EVENTS:
+            view = views.get(str((change.get("ns") or {}).get("coll")))
+            if op not in _DOC_EVENTS or view is None:
                 continue
             mood_id = (change.get("documentKey") or {}).get("_id")
             if isinstance(mood_id, ObjectId):
-                ids.append(mood_id)
-                before = valid_user((change.get("fullDocumentBeforeChange") or {}).get("user"))
-                if op == "delete" and before is not None:
-                    owners[mood_id] = before
+                ids.setdefault(view.collection, []).append(mood_id)
+                before = (change.get("fullDocumentBeforeChange") or {}).get(view.rtype.owner)
+                if op == "delete" and (owner := valid_user(before)) is not None:
+                    owners[mood_id] = owner
             elif op == "delete":  # never mirrorable, now gone: nothing left to report
-                await self.store.forget_dead_letter(repr(mood_id))
+                await view.forget_dead_letter(repr(mood_id))
             else:
-                reason = bad_id_reason(mood_id, self.applier.kind)
-                user = valid_user(await self.store.user_of_mood(mood_id))
+                reason = bad_id_reason(mood_id, view.rtype)
+                user = valid_user(await view.user_of_mood(mood_id))
                 if user is not None and await self.store.forgotten([user]):
                     user = None  # an erased user's: reported, without naming them
-                logger.bind(mood_id=repr(mood_id)).error("bad mood document: {}", reason)
-                await self.store.dead_letter(mood_id, user, None, reason, "invalid")
+                logger.bind(mood_id=repr(mood_id)).error("bad {} document: {}", view.rtype.name,
+                                                         reason)  # fmt: skip
+                await view.dead_letter(mood_id, user, None, reason, "invalid")
+        changes = sum(map(len, ids.values()))
         if ids:
-            done = await self.applier.apply_ids(ids, owners)
-            _log_batch(len(ids), done.counts, self.oldest_unapplied_at)
+            done = Outcome()
+            for name, some in ids.items():  # one type after another: no two lanes of a user
+                done.merge(await self.applier.apply_ids(some, owners, views[name].rtype))
+            _log_batch(changes, done.counts, self.oldest_unapplied_at)
         self.events_applied += len(batch) if end is None else batch.index(end)
         seconds = [s for s in map(cluster_seconds, batch) if s is not None]
         if seconds:
             self.last_event_at = max(seconds)
         if self._on_batch:
-            self._on_batch(len(ids), self.last_event_at)
+            self._on_batch(changes, self.last_event_at)
         if end is not None:
             if applied_upto is not None:
                 await self._checkpoint(applied_upto, force=True)
@@ -447,7 +470,7 @@ class Replicator:
                 what = "drop or rename"
             await self.store.save_checkpoint(None, invalidated=what)
             raise StreamInvalidated(
-                f"the change stream on {self.store.names.moods!r} ended with {what!r}: the "
+                f"the change stream on {self._watched} ended with {what!r}: the "
                 "collection was dropped or renamed. Check it, then restart with "
                 "`replicator run --reset-position`"
             )
@@ -468,7 +491,7 @@ class Replicator:
             )
         ):
             return
-        extra: dict[str, Any] = {"events_applied": self.events_applied}
+        extra: dict[str, Any] = {"events_applied": self.events_applied, "types": self._types}
         if self.last_event_at is not None and math.isfinite(self.last_event_at):
             extra["last_event_at"] = self.last_event_at
         await self.store.save_checkpoint(token, **extra)

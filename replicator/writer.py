@@ -33,16 +33,22 @@ class RepoWriter:
         self.batches = 0
         self.single_calls = 0
 
-    async def send(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
-        """One commit; returns the new CID per rkey written (None for deletes). `writes` fit
-        one `applyWrites` (`pds.batches` splits them)."""
+    async def send(
+        self, account: Account, writes: Sequence[Write], collection: str
+    ) -> dict[str, str | None]:
+        """One commit to the `collection` (an NSID) of the account's repo; returns the new CID
+        per rkey written (None for deletes). `writes` fit one `applyWrites` (`pds.batches`
+        splits them)."""
         if not writes:
             return {}
         await self._pace(account, writes)
         if len(writes) == 1:
-            return {writes[0].rkey: await self._single(account, writes[0])}
+            return {writes[0].rkey: await self._single(account, writes[0], collection)}
         self.batches += 1
-        body: dict[str, Any] = {"repo": account.did, "writes": [write_op(w) for w in writes]}
+        body: dict[str, Any] = {
+            "repo": account.did,
+            "writes": [write_op(w, collection) for w in writes],
+        }
         out = await self.sessions.call(account, lambda t: self._apply_writes(body, t))
         results: dict[str, str | None] = {w.rkey: None for w in writes}
         for write, result in zip(writes, out.get("results", []), strict=False):
@@ -72,9 +78,9 @@ class RepoWriter:
         if wait > 0:
             await anyio.sleep(wait)
 
-    async def _single(self, account: Account, write: Write) -> str | None:
+    async def _single(self, account: Account, write: Write, collection: str) -> str | None:
         self.single_calls += 1
-        body = single_body(account.did, write)
+        body = single_body(account.did, write, collection)
         nsid = "com.atproto.repo.putRecord" if write.action == "put" else (
             "com.atproto.repo.deleteRecord"
         )  # fmt: skip

@@ -205,7 +205,7 @@ async def test_deactivated_account_parks_its_user_and_converges_after_activation
         await deactivate(settings.pds_url, alice)
         assert (await repo_status(settings.pds_url, alice.did))["status"] == "deactivated"
         # The app's nuke (every mood of the user), then new moods: none of it can be written.
-        await rt.store.moods.update_many({"user": alice.sub}, {"$set": {"deleted": True}})
+        await rt.store.docs.update_many({"user": alice.sub}, {"$set": {"deleted": True}})
         fresh = [await insert_mood(rt.store, alice.sub, f"while away {i}") for i in range(3)]
         for i in range(2):
             await insert_mood(rt.store, bob.sub, f"bob {i}")
@@ -273,7 +273,7 @@ async def test_taken_down_account_parks_its_user_until_reversed(
         # login's own 401 `AccountTakedown` parks the account (not "wrong password").
         await rt.store.sessions.delete_many({})
         rt.sessions._cache.clear()
-        await rt.store.moods.update_one({"_id": first[0]}, {"$set": {"deleted": True}})
+        await rt.store.docs.update_one({"_id": first[0]}, {"$set": {"deleted": True}})
         later = await insert_mood(rt.store, carol.sub, "while taken down")
         await insert_mood(rt.store, dave.sub, "dave flows")
         await eventually(lambda: exactly(rt, dave, 1), 30, "the other user flows")
@@ -310,7 +310,7 @@ async def test_a_listing_of_a_deactivated_repo_is_not_an_empty_repo(
     await rt.applier.apply_ids(ids)
     assert await exactly(rt, who, 3)
     await deactivate(rt.settings.pds_url, who)
-    await rt.store.moods.update_many({"user": who.sub}, {"$set": {"deleted": True}})
+    await rt.store.docs.update_many({"user": who.sub}, {"$set": {"deleted": True}})
     await rt.applier.reconcile_user(who.sub)
     found = await entries(rt, ids)
     assert await rt.store.parked.count_documents({"_id": who.did}) == 1  # the account parked
@@ -662,7 +662,7 @@ async def test_record_changed_elsewhere_fails_the_swap_and_is_reread(
         listed = own.pds.requests["com.atproto.repo.listRecords"]
         tap.writes.clear()
 
-        await rt.store.moods.update_one({"_id": mood_id}, {"$set": {"mood": "v2"}})
+        await rt.store.docs.update_one({"_id": mood_id}, {"$set": {"mood": "v2"}})
 
         async def desired() -> bool:
             have = await records(settings.pds_url, who.did or "")
@@ -725,13 +725,13 @@ async def test_an_app_password_in_users_is_enough(rt: Runtime, users: Users) -> 
     async with running(rt):
         mood = await insert_mood(rt.store, hal.sub, "written with an app password")
         await eventually(lambda: exactly(rt, hal, 1), 30, "created")
-        await rt.store.moods.update_one({"_id": mood}, {"$set": {"mood": "and edited"}})
+        await rt.store.docs.update_one({"_id": mood}, {"$set": {"mood": "and edited"}})
 
         async def edited() -> bool:
             got = await records(rt.settings.pds_url, hal.did or "")
             return [r["mood"] for r in got.values()] == ["and edited"]
 
         await eventually(edited, 30, "edited")
-        await rt.store.moods.update_one({"_id": mood}, {"$set": {"deleted": True}})
+        await rt.store.docs.update_one({"_id": mood}, {"$set": {"deleted": True}})
         await eventually(lambda: exactly(rt, hal, 0), 30, "deleted")
     assert await rt.store.dead_letter_count() == 0

@@ -100,7 +100,7 @@ def test_decisions_read_the_primary_with_majority_whatever_the_uri_says() -> Non
     )
     client = connect(uri)
     store = Store(client, "aesthetic", Names())
-    for collection in (store.moods, store.ledger, store.state, store.users):
+    for collection in (store.docs, store.ledger, store.state, store.users):
         assert collection.read_preference == ReadPreference.PRIMARY
         assert collection.read_concern.level == "majority"
         assert collection.write_concern.document == {"w": "majority"}

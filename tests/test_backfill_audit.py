@@ -75,7 +75,7 @@ def record_of(doc: dict[str, Any], *, legacy: bool = False) -> dict[str, Any]:
 async def mood(rt: Runtime, user: SeededUser, i: int, **extra: Any) -> dict[str, Any]:
     doc = {"_id": ObjectId(), "user": user.sub, "mood": f"{user.handle} mood {i}",
            "when": T0 + timedelta(minutes=i), **extra}  # fmt: skip
-    await rt.store.moods.insert_one(doc)
+    await rt.store.docs.insert_one(doc)
     return doc
 
 
@@ -88,7 +88,7 @@ async def messy_state(rt: Runtime, users: Users) -> dict[str, SeededUser]:
         for i in range(5):
             doc = await mood(rt, u["old"], i)
             rkey = await w.create(record_of(doc))
-            await rt.store.moods.update_one({"_id": doc["_id"]}, {"$set": {"atproto.rkey": rkey}})
+            await rt.store.docs.update_one({"_id": doc["_id"]}, {"$set": {"atproto.rkey": rkey}})
     async with OldWriter(rt.settings.pds_url, u["legacy"]) as w:  # `mongoId`, no write-back
         for i in range(3):
             await w.create(record_of(await mood(rt, u["legacy"], i), legacy=True))
@@ -97,7 +97,7 @@ async def messy_state(rt: Runtime, users: Users) -> dict[str, SeededUser]:
             doc = await mood(rt, u["dups"], i)
             await w.create(record_of(doc))
             second = await w.create(record_of(doc))
-            await rt.store.moods.update_one({"_id": doc["_id"]}, {"$set": {"atproto.rkey": second}})
+            await rt.store.docs.update_one({"_id": doc["_id"]}, {"$set": {"atproto.rkey": second}})
     async with OldWriter(rt.settings.pds_url, u["orphans"]) as w:  # moods long gone
         await mood(rt, u["orphans"], 0)
         for _ in range(2):
@@ -148,7 +148,7 @@ async def test_backfill_then_audit_fix_ends_clean(rt: Runtime, users: Users) -> 
     )
     await assert_clean(rt, u)
     dups = await records(rt.settings.pds_url, u["dups"].did or "")
-    docs = {str(d["_id"]): d async for d in rt.store.moods.find({"user": u["dups"].sub})}
+    docs = {str(d["_id"]): d async for d in rt.store.docs.find({"user": u["dups"].sub})}
     assert {k: v["ref"] for k, v in dups.items()} == {
         d["atproto"]["rkey"]: ref for ref, d in docs.items()
     }  # the duplicate kept is the one atproto.rkey pointed to
@@ -168,7 +168,7 @@ async def test_dry_run_writes_nothing(rt: Runtime, users: Users) -> None:
     assert summary["dry_run"] and summary["written"] > 0
     assert {n: await records(rt.settings.pds_url, x.did) for n, x in u.items() if x.did} == snapshot
     assert await rt.store.ledger.count_documents({}) == ledger_before
-    assert await rt.store.moods.count_documents({"atproto.rkey": {"$exists": True}}) == 5 + 3
+    assert await rt.store.docs.count_documents({"atproto.rkey": {"$exists": True}}) == 5 + 3
 
 
 async def test_backfill_for_one_handle(rt: Runtime, users: Users) -> None:
@@ -184,7 +184,7 @@ async def test_backfill_for_one_handle(rt: Runtime, users: Users) -> None:
 async def test_interrupted_backfill_resumes_without_duplicates(rt: Runtime, users: Users) -> None:
     people = [await users.make() for _ in range(12)]
     for person in people:
-        await rt.store.moods.insert_many(
+        await rt.store.docs.insert_many(
             [{"user": person.sub, "mood": f"m{i}", "when": T0 + timedelta(seconds=i)}
              for i in range(25)]
         )  # fmt: skip

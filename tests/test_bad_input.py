@@ -173,7 +173,7 @@ async def test_bad_input(rt: Runtime, users: Users, warnings: list[Any], name: s
     good_ids = [d["_id"] for d in good if d is not doc]
     invalid_before = invalid_count()
     async with running(rt):
-        await rt.store.moods.insert_many(good)
+        await rt.store.docs.insert_many(good)
 
         async def settled() -> bool:
             ledger = await rt.store.ledger_by_id(good_ids)
@@ -221,7 +221,7 @@ async def test_bad_input(rt: Runtime, users: Users, warnings: list[Any], name: s
             assert any(r["extra"].get("mood_id") == key and letter["reason"] in r["message"]
                        for r in warnings)  # fmt: skip
             assert len(mine) == 2
-            await rt.store.moods.delete_one({"_id": bad_id})
+            await rt.store.docs.delete_one({"_id": bad_id})
             await eventually(lambda: _no_letter(rt.store, key), what="report of a gone document")
     if case.outcome not in ("invalid", "bad_id"):
         assert await rt.store.dead_letter_count() == 0
@@ -243,7 +243,7 @@ async def _check_mirrored(
         assert rkey == tid.from_object_id(bad_id)
 
         async def written_back() -> bool:
-            found = await rt.store.moods.find_one({"_id": bad_id})
+            found = await rt.store.docs.find_one({"_id": bad_id})
             return bool(found and found.get("atproto") == {"rkey": rkey})
 
         await eventually(written_back, what="derived rkey written back")
@@ -268,7 +268,7 @@ async def _check_reported(
 
 async def _fix_and_check(rt: Runtime, mood_id: ObjectId, sub: str, did: str) -> None:
     """The document edited back to valid: mirrored, and its dead letter cleared."""
-    await rt.store.moods.update_one(
+    await rt.store.docs.update_one(
         {"_id": mood_id}, {"$set": {"user": sub, "mood": "fixed", "when": WHEN}}
     )
 
@@ -316,7 +316,7 @@ async def test_invalid_utf8_and_out_of_range_dates_are_reported_not_crashes(
     and the mood is reported as invalid with a reason while the others flow."""
     user = await users.make()
     assert user.did
-    codec = rt.store.moods.codec_options
+    codec = rt.store.docs.codec_options
     assert codec.unicode_decode_error_handler == "surrogateescape"
     base = {"user": user.sub, "when": WHEN}
     lone = ObjectId()
@@ -336,7 +336,7 @@ async def test_invalid_utf8_and_out_of_range_dates_are_reported_not_crashes(
         good: {"_id": good, **base, "mood": "fine"},
     }
     # The documents exist (valid stand-ins); reads return what a real server would.
-    await rt.store.moods.insert_many(
+    await rt.store.docs.insert_many(
         [{"_id": i, **base, "mood": "stand-in"} for i in decoded if i != good] + [decoded[good]]
     )
 
@@ -378,7 +378,7 @@ async def test_backfill_reports_an_id_that_is_not_an_objectid_and_mirrors_the_re
     user = await users.make()
     assert user.did
     ids = [ObjectId(), ObjectId()]
-    await rt.store.moods.insert_many([
+    await rt.store.docs.insert_many([
         {"_id": ids[0], "user": user.sub, "mood": "one", "when": WHEN},
         {"_id": "legacy-7", "user": user.sub, "mood": "odd id", "when": WHEN},
         {"_id": ids[1], "user": user.sub, "mood": "two", "when": WHEN},
@@ -400,13 +400,13 @@ async def test_burst_over_the_pds_body_limit_flows_and_a_fixed_mood_leaves_the_q
     one: all land, and a mood fixed in the same batch has its dead letter cleared."""
     user = await users.make()
     assert user.did
-    bad = await rt.store.moods.insert_one({"user": user.sub, "mood": "", "when": WHEN})
+    bad = await rt.store.docs.insert_one({"user": user.sub, "mood": "", "when": WHEN})
     await rt.applier.apply_ids([bad.inserted_id])
     assert await rt.store.dead_letters.find_one({"_id": str(bad.inserted_id)}) is not None
-    burst = await rt.store.moods.insert_many(
+    burst = await rt.store.docs.insert_many(
         [{"user": user.sub, "mood": "\x01" * 5000, "when": WHEN} for _ in range(60)]
     )
-    await rt.store.moods.update_one({"_id": bad.inserted_id}, {"$set": {"mood": "fixed"}})
+    await rt.store.docs.update_one({"_id": bad.inserted_id}, {"$set": {"mood": "fixed"}})
     await rt.applier.apply_ids([bad.inserted_id, *burst.inserted_ids])
     have = await records(rt.settings.pds_url, user.did)
     assert len(have) == 61

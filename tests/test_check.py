@@ -96,7 +96,7 @@ async def test_all_ok(rt: Runtime, users: Users, authority: str) -> None:
     one, two = await users.make(), await users.make()
     await users.make(with_account=False)
     # A checkpoint as `run` leaves it: the token of an open stream, saved just now.
-    stream = await store.watch_moods(None, max_await_ms=100, batch_size=1)
+    stream = await store.watch_docs(None, max_await_ms=100, batch_size=1)
     await stream.try_next()
     await store.save_checkpoint(stream.resume_token)
     await stream.close()
@@ -116,9 +116,9 @@ async def test_all_ok(rt: Runtime, users: Users, authority: str) -> None:
         assert secret and secret not in got.stdout + got.stderr
     # The probe is gone, the app's data untouched, the session kept for `run`.
     assert await store.db["replicator_preflight"].count_documents({}) == 0
-    assert await store.moods.count_documents({}) == 0
+    assert await store.docs.count_documents({}) == 0
     assert await store.sessions.count_documents({}) == 2
-    assert "user_1" in await store.moods.index_information()
+    assert "user_1" in await store.docs.index_information()
 
     text = subprocess.run(
         [sys.executable, "-m", "replicator.cli", "check", "--outage-hours", "0",
@@ -196,7 +196,7 @@ async def test_no_create_indexes_warns_with_the_command_and_creates_nothing(rt: 
     index = got.checks["index moods.user"]
     assert index["status"] == "warn", got.stdout
     assert "createIndex({user: 1})" in index["fix"]
-    assert "user_1" not in await rt.store.moods.index_information()
+    assert "user_1" not in await rt.store.docs.index_information()
 
 
 async def test_a_missing_moods_collection_fails(rt: Runtime) -> None:
@@ -204,7 +204,7 @@ async def test_a_missing_moods_collection_fails(rt: Runtime) -> None:
     assert got.code == 1
     assert got.status("pre-images") == "fail"
     assert "does not exist" in got.checks["pre-images"]["detail"]
-    assert not await rt.store.moods_exists()  # the check did not create it
+    assert not await rt.store.docs_exist()  # the check did not create it
 
 
 async def test_a_user_with_a_bad_password_fails_without_printing_it(

@@ -172,16 +172,16 @@ def _mood(user: SeededUser, text: str) -> dict[str, Any]:
 
 
 async def insert(store: Store, cast: Cast, user: SeededUser, n: int, text: str) -> None:
-    result = await store.moods.insert_many([_mood(user, text) for _ in range(n)])
+    result = await store.docs.insert_many([_mood(user, text) for _ in range(n)])
     cast.ids.setdefault(user.sub, []).extend(result.inserted_ids)
 
 
 async def edit(store: Store, mood_id: ObjectId, text: str) -> None:
-    await store.moods.update_one({"_id": mood_id}, {"$set": {"mood": text}})
+    await store.docs.update_one({"_id": mood_id}, {"$set": {"mood": text}})
 
 
 async def nuke(store: Store, user: SeededUser, deleted: Any = True) -> None:
-    await store.moods.update_many({"user": user.sub}, {"$set": {"deleted": deleted}})
+    await store.docs.update_many({"user": user.sub}, {"$set": {"deleted": deleted}})
 
 
 async def baseline(store: Store, cast: Cast) -> None:
@@ -202,15 +202,15 @@ async def in_flight(store: Store, cast: Cast) -> None:
     b = cast.ids[cast.unnuked.sub]
     await edit(store, b[0], "edited after the un-nuke")
     # A replace as the app does it: the whole document again, `atproto` (the rkey) dropped.
-    await store.moods.replace_one(
+    await store.docs.replace_one(
         {"_id": b[1]}, {"user": cast.unnuked.sub, "mood": "replaced", "when": BASE}
     )
     await nuke(store, cast.nuked)
-    await store.moods.delete_many({"user": cast.purged.sub})
+    await store.docs.delete_many({"user": cast.purged.sub})
     await insert(store, cast, cast.no_account, 2, "in flight")
     await edit(store, cast.ids[cast.no_account.sub][0], "edited, no account")
     cast.erasing = True
-    await store.moods.delete_many({"user": cast.erased.sub})  # the app's erasure, moods first
+    await store.docs.delete_many({"user": cast.erased.sub})  # the app's erasure, moods first
     await store.handles.delete_one({"_id": cast.erased.sub})
     await store.users.delete_one({"_id": cast.erased.sub})
     await store.users.update_one({"_id": cast.unset.sub}, {"$unset": {"atproto": ""}})
@@ -225,7 +225,7 @@ async def while_down(store: Store, cast: Cast) -> None:
     await edit(store, cast.ids[cast.unnuked.sub][2], "edited while down")
     await insert(store, cast, cast.nuked, 1, "back after the nuke")
     await insert(store, cast, cast.no_account, 1, "while down")
-    await store.moods.delete_many({"user": cast.unset.sub})  # its moods after its `users`
+    await store.docs.delete_many({"user": cast.unset.sub})  # its moods after its `users`
 
 
 async def put_legacy(pds_url: str, user: SeededUser, refs: list[ObjectId], n: int) -> set[str]:
@@ -269,7 +269,7 @@ async def pending_count(store: Store) -> int:
 
 
 async def written_back(store: Store, ids: list[ObjectId]) -> int:
-    return await store.moods.count_documents(
+    return await store.docs.count_documents(
         {"_id": {"$in": ids}, "atproto.rkey": {"$type": "string"}}
     )
 
@@ -456,7 +456,7 @@ async def crash_scenario(
         if user is not cast.unnuked:
             cast.baseline_rkeys[user.sub] = set(await records(pds_url, user.did or ""))
     cast.baseline_rkeys[cast.unnuked.sub] = {
-        d["atproto"]["rkey"] async for d in store.moods.find({"user": cast.unnuked.sub})
+        d["atproto"]["rkey"] async for d in store.docs.find({"user": cast.unnuked.sub})
     }
     # The old writer's copies of the purged user's moods: the sweep's work (two `applyWrites`
     # where the sweep itself is the point, so the kill lands between them).
@@ -517,7 +517,7 @@ async def _recovery_scenario(rt: Runtime, users: Users, proc: Proc) -> None:
     cast = await make_cast(users)
     done = await run_baseline(store, rt.settings, proc, cast)
     cast.baseline_rkeys[cast.unnuked.sub] = {
-        d["atproto"]["rkey"] async for d in store.moods.find({"user": cast.unnuked.sub})
+        d["atproto"]["rkey"] async for d in store.docs.find({"user": cast.unnuked.sub})
     }
     cast.baseline_rkeys["legacy"] = await put_legacy(
         pds_url, cast.purged, cast.ids[cast.purged.sub], 3
@@ -601,7 +601,7 @@ async def test_edits_whose_intents_outlived_a_kill_are_applied(rt: Runtime, user
     assert user.did
     ids = [await insert_mood(rt.store, user.sub, f"mood {i}", when=BASE) for i in range(2)]
     await rt.applier.apply_ids(ids)
-    await rt.store.moods.update_many({"user": user.sub}, {"$set": {"mood": "edited"}})
+    await rt.store.docs.update_many({"user": user.sub}, {"$set": {"mood": "edited"}})
     await _intents_as_a_kill_leaves_them(rt, user.sub, ids)
     rt.applier.lane_deadline = 5.0
     await rt.applier.apply_ids(ids)
@@ -619,7 +619,7 @@ async def test_inserts_whose_intents_outlived_a_kill_then_nuked_are_deleted(
     assert user.did
     ids = [await insert_mood(rt.store, user.sub, f"mood {i}", when=BASE) for i in range(2)]
     await _intents_as_a_kill_leaves_them(rt, user.sub, ids)
-    await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": True}})
+    await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": True}})
     new = await insert_mood(rt.store, user.sub, "after the nuke", when=BASE)
     rt.applier.lane_deadline = 5.0
     await rt.applier.apply_ids([*ids, new])
@@ -637,7 +637,7 @@ async def test_purge_applied_with_the_users_next_mood_still_sweeps(
     ids = [await insert_mood(rt.store, user.sub, f"mood {i}", when=BASE) for i in range(2)]
     await rt.applier.apply_ids(ids)
     await put_legacy(rt.settings.pds_url, user, ids, 2)
-    await rt.store.moods.delete_many({"user": user.sub})
+    await rt.store.docs.delete_many({"user": user.sub})
     new = await insert_mood(rt.store, user.sub, "after the purge", when=BASE)
     await rt.applier.apply_ids([*ids, new])
     t = await tally(rt.store, rt.settings.pds_url, user.sub, user.did)

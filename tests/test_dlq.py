@@ -42,17 +42,15 @@ async def dlq(rt: Runtime, *args: str, **env: Any) -> Result:
 
 
 async def mood(rt: Runtime, user: SeededUser, text: Any, **extra: Any) -> ObjectId:
-    result = await rt.store.moods.insert_one(
-        {"user": user.sub, "mood": text, "when": WHEN, **extra}
-    )
+    result = await rt.store.docs.insert_one({"user": user.sub, "mood": text, "when": WHEN, **extra})
     return ObjectId(result.inserted_id)
 
 
 async def fix(rt: Runtime, mood_id: ObjectId, text: str) -> None:
     """Replace the document whole (the test server turns a date given to `$set` into a string)."""
-    current = await rt.store.moods.find_one({"_id": mood_id})
+    current = await rt.store.docs.find_one({"_id": mood_id})
     assert current is not None
-    await rt.store.moods.replace_one({"_id": mood_id}, {**current, "mood": text})
+    await rt.store.docs.replace_one({"_id": mood_id}, {**current, "mood": text})
 
 
 async def letter(rt: Runtime, key: str) -> dict[str, Any] | None:
@@ -71,7 +69,7 @@ async def test_list_table_json_user_filter_and_limit(rt: Runtime, users: Users) 
     empty = await mood(rt, alice, "")
     stringly = await mood(rt, alice, "ok", when="yesterday")
     huge = await mood(rt, bob, "a" * 6000)
-    await rt.store.moods.insert_one({"_id": "legacy-1", "user": alice.sub, "mood": "x"})
+    await rt.store.docs.insert_one({"_id": "legacy-1", "user": alice.sub, "mood": "x"})
     await rt.applier.apply_ids([empty, stringly, huge])
     await rt.applier.reconcile_user(alice.sub)  # reports the id that is not an ObjectId
 
@@ -205,12 +203,12 @@ async def test_retry_of_parked_work_after_the_password_is_fixed(rt: Runtime, use
 
 async def test_retry_of_an_id_that_is_not_an_objectid(rt: Runtime, users: Users) -> None:
     user = await users.make()
-    await rt.store.moods.insert_one({"_id": "legacy-2", "user": user.sub, "mood": "x"})
+    await rt.store.docs.insert_one({"_id": "legacy-2", "user": user.sub, "mood": "x"})
     await rt.applier.reconcile_user(user.sub)
     result = await dlq(rt, "retry", "'legacy-2'")
     assert result.code == 1, result
     assert "'legacy-2': still failing (attempt 2): _id is not an ObjectId" in result.out
-    await rt.store.moods.delete_one({"_id": "legacy-2"})
+    await rt.store.docs.delete_one({"_id": "legacy-2"})
     gone = await dlq(rt, "retry", "--all")
     assert gone.code == 0, gone
     assert "'legacy-2': cleared (document gone)" in gone.out
@@ -221,7 +219,7 @@ async def test_a_string_id_is_found_as_typed_without_its_quotes(rt: Runtime, use
     """`dlq list` shows `'legacy-3'` (the repr, as an int `_id` would be `42`); `mood-3` typed
     bare in a shell (where the quotes vanish) names it as well."""
     user = await users.make()
-    await rt.store.moods.insert_many(
+    await rt.store.docs.insert_many(
         [{"_id": key, "user": user.sub, "mood": "x"} for key in ("legacy-3", "legacy-4")]
     )
     await rt.applier.reconcile_user(user.sub)
@@ -238,7 +236,7 @@ async def test_drop_removes_entries_and_never_touches_moods(rt: Runtime, users: 
     user = await users.make()
     ids = [await mood(rt, user, "") for _ in range(3)]
     await rt.applier.apply_ids(ids)
-    before = [d async for d in rt.store.moods.find({}).sort("_id", 1)]
+    before = [d async for d in rt.store.docs.find({}).sort("_id", 1)]
 
     one = await dlq(rt, "drop", str(ids[0]), PDS_URL="")
     assert one.code == 0, one
@@ -259,7 +257,7 @@ async def test_drop_removes_entries_and_never_touches_moods(rt: Runtime, users: 
     everything = await dlq(rt, "drop", "--all", "--yes")
     assert everything.code == 0 and "dropped 1 dead letter" in everything.out
     assert await rt.store.dead_letter_count() == 0
-    assert [d async for d in rt.store.moods.find({}).sort("_id", 1)] == before
+    assert [d async for d in rt.store.docs.find({}).sort("_id", 1)] == before
     ledger = await rt.store.ledger_by_id(ids)
     assert {e.state for e in ledger.values()} == {State.INVALID}  # the ledger is untouched too
 

@@ -59,7 +59,7 @@ async def count_is(rt: Runtime, user: SeededUser, n: int) -> bool:
 
 
 async def delete_moods(store: Store, user: SeededUser) -> None:
-    await store.moods.delete_many({"user": user.sub})
+    await store.docs.delete_many({"user": user.sub})
 
 
 async def delete_user(store: Store, user: SeededUser) -> None:

@@ -40,7 +40,7 @@ async def in_sync(rt: Runtime, *people: Any) -> bool:
 async def changed_after(rt: Runtime, token: Any) -> set[Any]:
     """The ids of the moods changed after a resume token, as a restart would read them."""
     ids: set[Any] = set()
-    async with await rt.store.moods.watch(start_after=token, max_await_time_ms=200) as stream:
+    async with await rt.store.docs.watch(start_after=token, max_await_time_ms=200) as stream:
         with anyio.move_on_after(5):
             while (change := await stream.try_next()) is not None or not ids:
                 if change is not None:
@@ -63,7 +63,7 @@ async def test_pds_down_60s_then_back(stack: LocalStack, rt: Runtime, users: Use
         t0 = time.monotonic()
         try:
             during_ids = [await insert_mood(rt.store, bob.sub, f"during {i}") for i in range(5)]
-            await rt.store.moods.update_many({"user": alice.sub}, {"$set": {"deleted": True}})
+            await rt.store.docs.update_many({"user": alice.sub}, {"$set": {"deleted": True}})
             await anyio.sleep(5)
             during = await rt.store.load_checkpoint()
             assert during is not None

@@ -126,7 +126,7 @@ async def test_paused_leader_never_resurrects_a_record(
 
             async def burst() -> None:
                 for chunk in range(10):
-                    await store.moods.insert_many(
+                    await store.docs.insert_many(
                         [{"user": subs[(chunk * 100 + i) % 20],
                           "mood": f"burst {chunk * 100 + i}", "when": datetime.now(UTC)}
                          for i in range(100)]
@@ -151,7 +151,7 @@ async def test_paused_leader_never_resurrects_a_record(
 
             # While it is paused: the app nukes every user's moods.
             for sub in subs:
-                await store.moods.update_many({"user": sub}, {"$set": {"deleted": True}})
+                await store.docs.update_many({"user": sub}, {"$set": {"deleted": True}})
             assert second is not None
             await eventually(lambda: held_by(second), 30, "the standby takes over")
             took_over = time.monotonic() - stopped_at

@@ -228,7 +228,7 @@ async def test_a_command_that_needs_the_pds_fails_at_once_when_it_does_not_answe
     rt: Runtime, args: tuple[str, ...]
 ) -> None:
     """Rather than after retrying every user's calls for two minutes (the sidecar waits)."""
-    await rt.store.moods.create_index("user")  # the app's collection, as a deployment has it
+    await rt.store.docs.create_index("user")  # the app's collection, as a deployment has it
     pds = f"http://127.0.0.1:{free_port()}"
     out = replicator(*args, env=env_for(rt.settings, PDS_URL=pds))
     assert out.returncode == 2, out.stderr
@@ -301,7 +301,7 @@ async def test_no_create_indexes_leaves_the_app_index_and_says_how_to_create_it(
     rt: Runtime, users: Users, store: Store
 ) -> None:
     user = await users.make(with_account=False)
-    await store.moods.insert_one({"user": user.sub, "mood": "x", "when": datetime.now(UTC)})
+    await store.docs.insert_one({"user": user.sub, "mood": "x", "when": datetime.now(UTC)})
     command = create_index_command(rt.settings.db_name, "moods", {"user": 1})
     assert command == (
         f'db.getSiblingDB("{rt.settings.db_name}").getCollection("moods")'
@@ -318,12 +318,12 @@ async def test_no_create_indexes_leaves_the_app_index_and_says_how_to_create_it(
         (warning,) = [line for line in err.splitlines() if "index" in line]
         assert "WARNING" in warning and "is missing (--no-create-indexes)" in warning
         assert f"`{command}`" in warning
-        assert not user_index(await store.moods.index_information())
+        assert not user_index(await store.docs.index_information())
 
     err = backfill()  # the default creates it, and says so
     (warning,) = [line for line in err.splitlines() if "index" in line]
     assert "WARNING" in warning and "was missing and is created" in warning and command in warning
-    assert user_index(await store.moods.index_information())
+    assert user_index(await store.docs.index_information())
     assert "index" not in backfill()  # present now: nothing to say
 
 
@@ -463,19 +463,19 @@ async def test_status_audit_and_dlq_count_the_same_things_the_same_way(
         await insert_mood(rt.store, alice.sub, "")  # invalid: empty
         await insert_mood(rt.store, nobody.sub, "no account")
         now = datetime.now(UTC)
-        await rt.store.moods.insert_one({"user": None, "mood": "whose?", "when": now})
-        await rt.store.moods.insert_one({"_id": "legacy-1", "user": alice.sub,
+        await rt.store.docs.insert_one({"user": None, "mood": "whose?", "when": now})
+        await rt.store.docs.insert_one({"_id": "legacy-1", "user": alice.sub,
                                          "mood": "string id", "when": now})  # fmt: skip
         await eventually(lambda: _records_are(rt, alice, 3), 30, "mirrored")
-        await rt.store.moods.delete_one({"_id": purged})
-        await rt.store.moods.update_one({"_id": kept}, {"$set": {"mood": 42}})  # record kept
+        await rt.store.docs.delete_one({"_id": purged})
+        await rt.store.docs.update_one({"_id": kept}, {"$set": {"mood": 42}})  # record kept
         await eventually(lambda: _records_are(rt, alice, 2), 30, "the purge mirrored")
         await anyio.sleep(1)
     env = env_for(rt.settings)
     status = json.loads(replicator("status", "--json", env=env).stdout)
     audit = json.loads(replicator("audit", "--json", env=env).stdout)
     dlq = json.loads(replicator("dlq", "list", "--json", env=env).stdout)
-    moods = await rt.store.moods.count_documents({})
+    moods = await rt.store.docs.count_documents({})
     assert status["launch"]["moods"] == audit["moods"] == moods == 6
     assert status["launch"]["records"] == audit["records"] == 2  # the spoiled one's is kept
     assert status["launch"]["invalid"] == audit["invalid"] == dlq["invalid"] == 4
@@ -499,9 +499,9 @@ async def test_each_applied_batch_is_one_info_line(rt: Runtime, users: Users) ->
         async with running(rt):
             mood = await insert_mood(rt.store, who.sub, "hello")
             await eventually(lambda: _records_are(rt, who, 1), 30, "created")
-            await rt.store.moods.update_one({"_id": mood}, {"$set": {"mood": "hello again"}})
+            await rt.store.docs.update_one({"_id": mood}, {"$set": {"mood": "hello again"}})
             await eventually(lambda: _applied(lines, "0 created, 1 updated, 0 deleted"), 30)
-            await rt.store.moods.update_one({"_id": mood}, {"$set": {"deleted": True}})
+            await rt.store.docs.update_one({"_id": mood}, {"$set": {"deleted": True}})
             await eventually(lambda: _records_are(rt, who, 0), 30, "deleted")
             await eventually(lambda: _applied(lines, "0 created, 0 updated, 1 deleted"), 30)
     finally:

@@ -237,7 +237,7 @@ async def test_dry_run_writes_nothing_and_keeps_its_own_checkpoint(
             stop.set()
     assert await records(settings.pds_url, user.did) == {}
     assert await rt.store.ledger_by_id([mood_id]) == {}
-    doc = await rt.store.moods.find_one({"_id": mood_id})
+    doc = await rt.store.docs.find_one({"_id": mood_id})
     assert doc is not None and "atproto" not in doc  # no write-back either
     assert await rt.store.load_checkpoint() == real_before  # the real position never moved
     shadow = await rt.store.state.find_one({"_id": f"{rt.store.checkpoint_name}:dry-run"})

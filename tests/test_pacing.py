@@ -9,6 +9,7 @@ import pytest
 from replicator.budget import Budgets, cost
 from replicator.model import Write
 from replicator.ratelimit import TokenBucket
+from replicator.recordtypes import MOOD
 
 
 class Clock:
@@ -84,4 +85,4 @@ def test_apply_writes_batches_hold_200_ops_and_stay_under_the_body_limit() -> No
 
     for part in parts:
         assert len(part) <= APPLY_WRITES_MAX
-        assert sum(len(orjson.dumps(write_op(w))) for w in part) <= MAX_BODY_BYTES
+        assert sum(len(orjson.dumps(write_op(w, MOOD.nsid))) for w in part) <= MAX_BODY_BYTES

@@ -24,7 +24,7 @@ WHEN = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
 
 
 async def doc(store: Store, mood_id: ObjectId) -> dict[str, Any]:
-    found = await store.moods.find_one({"_id": mood_id})
+    found = await store.docs.find_one({"_id": mood_id})
     assert found is not None
     return found
 
@@ -105,12 +105,12 @@ async def test_nuke_deletes_all_and_unnuke_restores_same_rkeys(rt: Runtime, user
     ids = [await insert_mood(rt.store, user.sub, f"mood {i}", when=WHEN) for i in range(5)]
     await insert_mood(rt.store, other.sub, "other's mood", when=WHEN)
     async with running(rt):
-        await rt.store.moods.update_many({"_id": {"$in": ids}}, {"$set": {"mood": "edited"}})
+        await rt.store.docs.update_many({"_id": {"$in": ids}}, {"$set": {"mood": "edited"}})
         await eventually(lambda: _has_records(rt, user.did, 5), what="5 records")
         first = await records(rt.settings.pds_url, user.did)
-        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": True}})
+        await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": True}})
         await eventually(lambda: _has_records(rt, user.did, 0), what="all records deleted")
-        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": False}})
+        await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": False}})
         await eventually(lambda: _has_records(rt, user.did, 5), what="records restored")
     assert await records(rt.settings.pds_url, user.did) == first
     assert clean(await diff(rt.store, rt.settings.pds_url, user.sub, user.did))
@@ -122,11 +122,11 @@ async def test_edit_updates_record_in_place(rt: Runtime, users: Users) -> None:
         mood_id = await insert_mood(rt.store, user.sub, "before", when=WHEN)
         await eventually(lambda: _has_records(rt, user.did, 1))
         rkey = next(iter(await records(rt.settings.pds_url, user.did)))
-        await rt.store.moods.update_one({"_id": mood_id}, {"$set": {"mood": "after update"}})
+        await rt.store.docs.update_one({"_id": mood_id}, {"$set": {"mood": "after update"}})
         await eventually(lambda: _record_text(rt, user.did, rkey, "after update"))
         current = await doc(rt.store, mood_id)
         current["mood"] = "after replace"
-        await rt.store.moods.replace_one({"_id": mood_id}, current)
+        await rt.store.docs.replace_one({"_id": mood_id}, current)
         await eventually(lambda: _record_text(rt, user.did, rkey, "after replace"))
     assert list(await records(rt.settings.pds_url, user.did)) == [rkey]
 
@@ -134,7 +134,7 @@ async def test_edit_updates_record_in_place(rt: Runtime, users: Users) -> None:
 async def test_purge_empties_the_collection_in_batches(rt: Runtime, users: Users) -> None:
     user, keep = await users.make(), await users.make()
     async with running(rt):
-        await rt.store.moods.insert_many(
+        await rt.store.docs.insert_many(
             [{"user": user.sub, "mood": f"m{i}", "when": WHEN} for i in range(450)]
         )
         await insert_mood(rt.store, keep.sub, "stays", when=WHEN)
@@ -145,7 +145,7 @@ async def test_purge_empties_the_collection_in_batches(rt: Runtime, users: Users
     await _put_direct(rt, user, "3kaaaaaaaaac2", {**legacy, "ref": str(ObjectId())})
     batches = rt.writer.batches
     async with running(rt):
-        await rt.store.moods.delete_many({"user": user.sub})
+        await rt.store.docs.delete_many({"user": user.sub})
         await eventually(lambda: _has_records(rt, user.did, 0), 120, "collection emptied")
     assert rt.writer.batches - batches >= 3  # 452 deletes → at least 3 applyWrites of ≤200
     assert len(await records(rt.settings.pds_url, keep.did)) == 1
@@ -165,7 +165,7 @@ async def test_purge_of_an_account_gone_from_the_pds_counts_as_done(
             auth=("admin", "admin-pass"),
         )
         assert resp.status_code == 200, resp.text
-    await rt.store.moods.delete_many({"user": user.sub})
+    await rt.store.docs.delete_many({"user": user.sub})
     await rt.applier.apply_ids(ids)
     ledger = await rt.store.ledger_by_id(ids)
     assert {e.state for e in ledger.values()} == {State.ABSENT}
@@ -247,9 +247,9 @@ async def test_nuke_also_deletes_records_the_ledger_never_knew(rt: Runtime, user
     old = await records(rt.settings.pds_url, user.did or "")
     assert len(old) == 2
     async with running(rt):
-        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": True}})
+        await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": True}})
         await eventually(lambda: _has_records(rt, user.did, 0), what="old records deleted")
-        await rt.store.moods.update_many({"user": user.sub}, {"$set": {"deleted": False}})
+        await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": False}})
         await eventually(lambda: _has_records(rt, user.did, 2), what="restored")
     assert set(await records(rt.settings.pds_url, user.did or "")) == set(old)
 
@@ -280,7 +280,7 @@ async def test_a_cursor_closed_without_invalidate_is_reopened(rt: Runtime, users
 
     async def open_stream(token: Mapping[str, Any] | None) -> Any:
         stream = ClosingStream(
-            await rt.store.watch_moods(token, max_await_ms=200, batch_size=100), die=not opened
+            await rt.store.watch_docs(token, max_await_ms=200, batch_size=100), die=not opened
         )
         opened.append(stream)
         return stream

@@ -79,7 +79,7 @@ async def test_kill9_at_several_points_converges_exactly(
     async def insert(n: int) -> None:
         for _ in range(n):
             who = rng.choice(active)
-            result = await store.moods.insert_one(
+            result = await store.docs.insert_one(
                 {"user": who.sub, "mood": f"mood {len(ids)} ✨", "when": datetime.now(UTC)}
             )
             ids.append(result.inserted_id)
@@ -93,17 +93,17 @@ async def test_kill9_at_several_points_converges_exactly(
     await insert(150)
     await anyio.sleep(0.5)
     for mood_id in rng.sample(ids, 100):
-        await store.moods.update_one({"_id": mood_id}, {"$set": {"mood": f"edited {mood_id}"}})
+        await store.docs.update_one({"_id": mood_id}, {"$set": {"mood": f"edited {mood_id}"}})
     proc.kill9()
     proc.start()
     # 3. Nukes and un-nukes, killed right after the nukes.
     nuked = people[:4]
     for who in nuked:
-        await store.moods.update_many({"user": who.sub}, {"$set": {"deleted": True}})
+        await store.docs.update_many({"user": who.sub}, {"$set": {"deleted": True}})
     await anyio.sleep(0.3)
     proc.kill9()
     for who in nuked[:2]:
-        await store.moods.update_many({"user": who.sub}, {"$set": {"deleted": False}})
+        await store.docs.update_many({"user": who.sub}, {"$set": {"deleted": False}})
     active = [p for p in people if p not in nuked[2:]]  # the still-nuked stay empty
     proc.start()
     # 4. More inserts, then purges, killed during the purge.
@@ -111,7 +111,7 @@ async def test_kill9_at_several_points_converges_exactly(
     await anyio.sleep(0.5)
     purged = people[4:7]
     for who in purged:
-        await store.moods.delete_many({"user": who.sub})
+        await store.docs.delete_many({"user": who.sub})
     proc.kill9()
     proc.start()
     assert len(ids) == 500
@@ -132,7 +132,7 @@ async def test_kill9_at_several_points_converges_exactly(
         assert who.did is not None
         assert await records(rt.settings.pds_url, who.did) == {}
     total = sum([len(await records(rt.settings.pds_url, p.did or "")) for p in people])
-    live = await store.moods.count_documents({"deleted": {"$ne": True}})
+    live = await store.docs.count_documents({"deleted": {"$ne": True}})
     assert total == live
     print(f"\n{proc.starts} starts, 500 moods, {total} records, {time.time() - t0:.1f}s")
 
@@ -146,7 +146,7 @@ async def test_sigterm_saves_checkpoint_and_exits_zero_quickly(
     proc.start()
     await eventually(lambda: checkpoint_moved(rt.store, 0), 30, "first checkpoint")
     for i in range(40):
-        await rt.store.moods.insert_one(
+        await rt.store.docs.insert_one(
             {"user": user.sub, "mood": f"m{i}", "when": datetime.now(UTC)}
         )
     await anyio.sleep(0.3)  # mid-stream
@@ -166,7 +166,7 @@ async def _clean(rt: Runtime, sub: str, did: str | None) -> bool:
     assert did is not None
     return clean(await diff(rt.store, rt.settings.pds_url, sub, did)) and len(
         await records(rt.settings.pds_url, did)
-    ) == await rt.store.moods.count_documents({"user": sub})
+    ) == await rt.store.docs.count_documents({"user": sub})
 
 
 async def test_firehose_shows_create_update_delete(rt: Runtime, users: Users) -> None:
@@ -189,14 +189,14 @@ async def test_firehose_shows_create_update_delete(rt: Runtime, users: Users) ->
         await anyio.sleep(1.0)
         async with running(rt):
             mood_id = (
-                await rt.store.moods.insert_one(
+                await rt.store.docs.insert_one(
                     {"user": user.sub, "mood": "v1", "when": datetime.now(UTC)}
                 )
             ).inserted_id
             await eventually(lambda: _text_is(rt, user.did, "v1"))
-            await rt.store.moods.update_one({"_id": mood_id}, {"$set": {"mood": "v2"}})
+            await rt.store.docs.update_one({"_id": mood_id}, {"$set": {"mood": "v2"}})
             await eventually(lambda: _text_is(rt, user.did, "v2"))
-            await rt.store.moods.delete_one({"_id": mood_id})
+            await rt.store.docs.delete_one({"_id": mood_id})
             await eventually(lambda: _count(rt, user.did, 0))
 
         async def all_seen() -> bool:

@@ -19,7 +19,7 @@ from atproto import AsyncClient, models
 from replicator import tid
 from replicator.devstack.procs import port_open
 from replicator.devstack.stack import LocalStack
-from replicator.pds import MOOD_COLLECTION
+from replicator.recordtypes.mood import NSID as MOOD_COLLECTION
 from replicator.store import Store, connect
 
 from .conftest import Users
@@ -36,9 +36,9 @@ RECORD = {
 
 
 async def test_insert_arrives_as_change_event(store: Store) -> None:
-    stream = await store.moods.watch(full_document="updateLookup", max_await_time_ms=200)
+    stream = await store.docs.watch(full_document="updateLookup", max_await_time_ms=200)
     try:
-        result = await store.moods.insert_one(
+        result = await store.docs.insert_one(
             {"user": "auth0|x", "mood": "hi", "when": datetime.now(UTC)}
         )
         change = None
@@ -201,8 +201,8 @@ def test_dev_ctrl_c_stops_everything(tmp_path: Path) -> None:
 
 async def test_store_round_trip_uses_tz_aware_dates(store: Store) -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    result = await store.moods.insert_one({"user": "auth0|x", "mood": "x", "when": when})
-    doc = await store.moods.find_one({"_id": result.inserted_id})
+    result = await store.docs.insert_one({"user": "auth0|x", "mood": "x", "when": when})
+    doc = await store.docs.find_one({"_id": result.inserted_id})
     assert doc is not None and doc["when"] == when
 
 

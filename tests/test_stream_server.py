@@ -29,7 +29,7 @@ from replicator.devstack.servers import EmbeddedMongo
 from replicator.devstack.stack import LocalStack
 from replicator.model import State
 from replicator.runtime import Runtime, open_runtime
-from replicator.store import MOODS_EVENT, Store
+from replicator.store import DOC_EVENT, Store
 
 from .conftest import Users, env_for, with_settings
 from .harness import clean, diff, eventually, records, running
@@ -109,13 +109,13 @@ async def test_history_pruned_past_the_checkpoint_while_stopped_is_reconciled_ex
             await eventually(lambda: in_sync(rt, *people), 30, "mirrored before the gap")
         saved = await rt.store.load_checkpoint()
         # Stopped: changes the stream will never see again.
-        await rt.store.moods.delete_one({"_id": kept[0]})
-        await rt.store.moods.update_many({"user": people[1].sub}, {"$set": {"deleted": True}})
+        await rt.store.docs.delete_one({"_id": kept[0]})
+        await rt.store.docs.update_many({"user": people[1].sub}, {"$set": {"deleted": True}})
         for i in range(150):
             await insert_mood(rt.store, people[2].sub, f"during the gap {i}", when=WHEN)
         assert await own.prune() > 0
         with pytest.raises(OperationFailure) as refused:  # the server refuses the pruned token
-            stream = await rt.store.watch_moods(saved["token"], max_await_ms=100, batch_size=10)
+            stream = await rt.store.watch_docs(saved["token"], max_await_ms=100, batch_size=10)
             await stream.try_next()
         assert refused.value.code == 286
         async with running(rt):
@@ -230,9 +230,9 @@ async def test_drop_or_rename_exits_4_every_time_until_reset_position(
         first = await insert_mood(rt.store, who.sub, "before", when=WHEN)
         await eventually(lambda: in_sync(rt, who), 30, "mirrored")
         if how == "drop":
-            await rt.store.moods.drop()
+            await rt.store.docs.drop()
         else:
-            await rt.store.moods.rename("moods_renamed")
+            await rt.store.docs.rename("moods_renamed")
         assert proc.wait(30) == 4
     finally:
         if proc.poll() is None:
@@ -268,12 +268,12 @@ async def test_drop_or_rename_exits_4_every_time_until_reset_position(
 
 
 async def test_events_carry_only_what_is_used_and_deletes_only_the_key(store: Store) -> None:
-    stream = await store.watch_moods(None, max_await_ms=200, batch_size=10)
+    stream = await store.watch_docs(None, max_await_ms=200, batch_size=10)
     try:
-        result = await store.moods.insert_one({"user": "auth0|x", "mood": "m", "when": WHEN})
-        await store.moods.update_one({"_id": result.inserted_id}, {"$set": {"mood": "n"}})
-        await store.moods.replace_one({"_id": result.inserted_id}, {"user": "auth0|x"})
-        await store.moods.delete_one({"_id": result.inserted_id})
+        result = await store.docs.insert_one({"user": "auth0|x", "mood": "m", "when": WHEN})
+        await store.docs.update_one({"_id": result.inserted_id}, {"$set": {"mood": "n"}})
+        await store.docs.replace_one({"_id": result.inserted_id}, {"user": "auth0|x"})
+        await store.docs.delete_one({"_id": result.inserted_id})
         seen = []
         while len(seen) < 4:
             change = await stream.try_next()
@@ -282,7 +282,7 @@ async def test_events_carry_only_what_is_used_and_deletes_only_the_key(store: St
     finally:
         await stream.close()
     assert [c["operationType"] for c in seen] == ["insert", "update", "replace", "delete"]
-    allowed = {"_id", *(k.split(".")[0] for k in MOODS_EVENT)}
+    allowed = {"_id", *(k.split(".")[0] for k in DOC_EVENT)}
     for change in seen:
         assert set(change) <= allowed, change  # no fullDocument, no updateDescription
         assert change["documentKey"] == {"_id": result.inserted_id}
@@ -304,13 +304,13 @@ async def test_with_pre_images_a_purged_mood_the_ledger_never_knew_is_cleaned(
     async with running(rt):
         live = await insert_mood(rt.store, who.sub, "stays", when=WHEN)
         await eventually(lambda: in_sync(rt, who), 30, "the live mood mirrored")
-    await rt.store.moods.insert_one({"_id": old, "user": who.sub, "mood": "old", "when": WHEN})
+    await rt.store.docs.insert_one({"_id": old, "user": who.sub, "mood": "old", "when": WHEN})
     await _put_direct(rt.settings.pds_url, who, "3kaaaaaaaaaa2", old, "old")
     assert len(await records(rt.settings.pds_url, who.did)) == 2
     # Skip the insert: the replicator resumes after it, as if it came before the ledger.
     await rt.store.save_checkpoint(await _head(rt.store))
     async with running(rt):
-        await rt.store.moods.delete_one({"_id": old})
+        await rt.store.docs.delete_one({"_id": old})
 
         async def cleaned() -> bool:
             have = await records(rt.settings.pds_url, who.did or "")
@@ -320,7 +320,7 @@ async def test_with_pre_images_a_purged_mood_the_ledger_never_knew_is_cleaned(
 
 
 async def _head(store: Store) -> dict[str, Any]:
-    stream = await store.watch_moods(None, max_await_ms=100, batch_size=1)
+    stream = await store.watch_docs(None, max_await_ms=100, batch_size=1)
     try:
         assert stream.resume_token is not None
         return dict(stream.resume_token)
@@ -351,7 +351,7 @@ async def test_a_15_mb_document_is_dead_lettered_and_the_stream_goes_on(
     who = await users.make()
     async with running(rt):
         huge = await insert_mood(rt.store, who.sub, "x" * (15 * 1024 * 1024), when=WHEN)
-        await rt.store.moods.update_one({"_id": huge}, {"$set": {"note": "y" * 1024}})
+        await rt.store.docs.update_one({"_id": huge}, {"$set": {"note": "y" * 1024}})
         after = await insert_mood(rt.store, who.sub, "after the huge one", when=WHEN)
 
         async def settled() -> bool:
@@ -384,7 +384,7 @@ async def test_an_idle_stream_saves_at_most_one_checkpoint_per_heartbeat(
         watch = await runtime.store.state.watch(
             [{"$match": {"documentKey._id": checkpoint_id}}], max_await_time_ms=50
         )
-        probe = await runtime.store.watch_moods(None, max_await_ms=50, batch_size=10)
+        probe = await runtime.store.watch_docs(None, max_await_ms=50, batch_size=10)
         writes = 0
         tokens = set()
         started = time.monotonic()

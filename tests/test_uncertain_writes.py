@@ -71,7 +71,6 @@ def test_writes_of_unknown_existence_are_sent_alone_in_order() -> None:
     applier = Applier(
         cast(Store, None),
         cast(RepoWriter, SimpleNamespace(batch=True, pds=None)),
-        kind=MOOD_TYPE,
     )
     chunks = [[w.rkey for w in chunk] for chunk in applier._chunks(writes)]
     assert chunks == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]

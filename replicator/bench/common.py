@@ -31,7 +31,7 @@ from ..devstack.procs import free_port
 from ..devstack.seed import seed_user
 from ..devstack.servers import EmbeddedMongo
 from ..devstack.stack import LocalStack
-from ..pds import MOOD_COLLECTION
+from ..recordtypes.mood import NSID as MOOD_COLLECTION
 from ..sessions import Session
 from ..store import Doc, Names, Store
 from .probe import ENV as PROBE_ENV
@@ -199,7 +199,7 @@ async def insert_docs(store: Store, docs: Sequence[Doc], chunk: int = 500) -> fl
     """insert_many in chunks; returns the seconds it took."""
     started = time.monotonic()
     for i in range(0, len(docs), chunk):
-        await store.moods.insert_many(list(docs[i : i + chunk]), ordered=False)
+        await store.docs.insert_many(list(docs[i : i + chunk]), ordered=False)
     return time.monotonic() - started
 
 

@@ -51,7 +51,9 @@ class NullWriter(RepoWriter):
     calls = 0
     writes = 0
 
-    async def send(self, account: Account, writes: Sequence[Write]) -> dict[str, str | None]:
+    async def send(
+        self, account: Account, writes: Sequence[Write], collection: str
+    ) -> dict[str, str | None]:
         self.calls += 1
         self.writes += len(writes)
         return {w.rkey: FAKE_CID if w.action == "put" else None for w in writes}
@@ -70,7 +72,7 @@ async def core_mongo(ctx: Ctx) -> dict[str, Any]:
         settings = ctx.settings(db_name, NULL_PDS_URL)
         async with open_runtime(settings) as rt:
             writer = NullWriter(rt.sessions)
-            applier = Applier(rt.store, writer, kind=MOOD, concurrency=settings.concurrency)
+            applier = Applier(rt.store, writer, concurrency=settings.concurrency)
             replicator = Replicator(rt.store, applier, batch_size=settings.batch_size,
                                     max_batch_ms=settings.max_batch_ms)  # fmt: skip
             stop = anyio.Event()

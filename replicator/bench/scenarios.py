@@ -69,7 +69,7 @@ class Unfinished(Exception):
 async def save_current_position(store: Store) -> None:
     """A checkpoint at the stream's current position, as a replicator that ran and stopped
     leaves it: what is inserted next is its backlog (kept by the oplog, like any history)."""
-    async with await store.moods.watch() as stream:
+    async with await store.docs.watch() as stream:
         token = stream.resume_token
         if token is None:
             raise RuntimeError("the server opened a change stream without a resume token")
@@ -221,7 +221,7 @@ async def purge(ctx: Ctx) -> dict[str, Any]:
             firehose.reset()
             t0 = time.monotonic()
             for user in users:
-                await store.moods.delete_many({"user": user.sub})
+                await store.docs.delete_many({"user": user.sub})
             delete_s = time.monotonic() - t0
             await wait_progress(ctx, "purge deletions on the PDS",
                                 lambda: sum(1 for k in present if k in firehose.deleted), n,
@@ -349,7 +349,7 @@ async def lag(ctx: Ctx) -> dict[str, Any]:
                 doc = {"_id": mood_id, "user": ctx.users[i % len(ctx.users)].sub,
                        "mood": f"steady mood {i}", "when": datetime.now(UTC)}  # fmt: skip
                 t = time.monotonic()
-                await store.moods.insert_one(doc)
+                await store.docs.insert_one(doc)
                 insert_ms.append((time.monotonic() - t) * 1000)
                 sent[from_object_id(mood_id)] = t
             achieved = total / (time.monotonic() - started)

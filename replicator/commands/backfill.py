@@ -108,7 +108,6 @@ async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
         dry = Applier(
             rt.store,
             rt.writer,
-            kind=rt.applier.kind,
             concurrency=settings.concurrency,
             dry_run=True,
         )

@@ -11,6 +11,7 @@ import click
 from ..config import BYPASS_ENV, DEFAULT_DB, MONGODB_SCHEMES, Settings, check_url
 from ..errors import ConfigError
 from ..identity import PUBLIC_PLC
+from ..recordtypes import TYPES, RecordType, enabled
 from ..store import Names
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +30,10 @@ def mongo_options(fn: F) -> F:
                      show_envvar=True, default="users", show_default=True),
         click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
                      show_envvar=True, default="@handles", show_default=True),
+        click.option("--record-types", envvar="REPLICATOR_RECORD_TYPES", show_envvar=True,
+                     default=",".join(Settings.record_types), show_default=True,
+                     metavar="TYPE[,TYPE]",
+                     help=f"Record types to mirror (comma list): {', '.join(TYPES)}."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -86,6 +91,11 @@ def mongo_from(kw: dict[str, Any]) -> tuple[str, Names]:
     return uri, Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
 
 
+def rtypes_from(kw: dict[str, Any]) -> tuple[RecordType, ...]:
+    """`--record-types`, each a known type (else `ConfigError` naming the known ones)."""
+    return enabled(n.strip() for n in str(kw["record_types"]).split(",") if n.strip())
+
+
 def pds_url_from(kw: dict[str, Any]) -> str | None:
     """PDS_URL checked (scheme and host), or None when it is not set."""
     url = kw.get("pds_url")
@@ -107,5 +117,6 @@ def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
         concurrency=kw["concurrency"],
         plc_url=check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
         create_indexes=kw.get("create_indexes", True),
+        record_types=tuple(t.name for t in rtypes_from(kw)),
         **extra,
     )

@@ -30,7 +30,6 @@ from ..config import Settings
 from ..desired import bad_id_reason
 from ..logs import redact
 from ..model import LedgerEntry, State
-from ..recordtypes import MOOD
 from ..runtime import open_runtime
 from ..store import Doc, LetterKind, Names, Store, letter_kind, open_client
 from .backfill import CLI_RETRY_TIMEOUT
@@ -40,6 +39,7 @@ from .common import (
     index_option,
     mongo_from,
     mongo_options,
+    rtypes_from,
     settings_from,
 )
 
@@ -78,7 +78,7 @@ def list_command(who: str | None, as_json: bool, limit: int, **kw: Any) -> None:
     Exit: 0 shown, 2 error.
     """
     uri, names = mongo_from(kw)
-    report = _run(_list, uri, kw["db_name"], names, kw["empty_ok"], who, limit)
+    report = _run(_list, uri, kw["db_name"], names, kw, who, limit)
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return
@@ -92,13 +92,18 @@ async def _list(store: Store, who: str | None, limit: int) -> dict[str, Any]:
         if sub is None:
             raise click.UsageError(f"unknown user {who!r} (no such handle)")
         query["user"] = sub
-    total = await store.dead_letters.count_documents(query)
+    total = 0
     kinds = {"invalid": 0, "failed": 0}
-    async for d in store.dead_letters.find(query, {"kind": 1, "reason": 1}):
-        kinds[letter_kind(d)] += 1
-    cursor = store.dead_letters.find(query).sort([("last_at", DESCENDING), ("_id", 1)])
-    docs = [d async for d in cursor.limit(limit)]
-    subs = sorted({d["user"] for d in docs if isinstance(d.get("user"), str)})
+    docs: list[tuple[str, Doc]] = []
+    for view in store.views:
+        total += await view.dead_letters.count_documents(query)
+        async for d in view.dead_letters.find(query, {"kind": 1, "reason": 1}):
+            kinds[letter_kind(d)] += 1
+        cursor = view.dead_letters.find(query).sort([("last_at", DESCENDING), ("_id", 1)])
+        docs += [(view.rtype.name, d) async for d in cursor.limit(limit)]
+    docs.sort(key=lambda td: (-(_seconds(td[1].get("last_at")) or 0.0), str(td[1]["_id"])))
+    docs = docs[:limit]
+    subs = sorted({d["user"] for _, d in docs if isinstance(d.get("user"), str)})
     handles = {}
     if subs:
         async for h in store.handles.find({"_id": {"$in": subs}}):
@@ -106,11 +111,12 @@ async def _list(store: Store, who: str | None, limit: int) -> dict[str, Any]:
                 handles[str(h["_id"])] = f"@{h['handle']}"
     now = time.time()
     entries = []
-    for d in docs:
+    for rtype, d in docs:
         first = _seconds(d.get("first_at"))
         entries.append(
             {
                 "id": str(d["_id"]),
+                **({"type": rtype} if len(store.rtypes) > 1 else {}),
                 "kind": letter_kind(d),
                 "user": d.get("user"),
                 "handle": handles.get(d.get("user") or ""),
@@ -226,25 +232,27 @@ async def _retry(
     async with open_runtime(
         settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True, require_moods=not empty_ok
     ) as rt:
-        store = rt.store
         if all_:
-            letters = [d async for d in store.dead_letters.find({}).sort("first_at", 1)]
+            letters = [(view, d) for view in rt.store.views
+                       async for d in view.dead_letters.find({}).sort("first_at", 1)]  # fmt: skip
             missing: list[str] = []
         else:
-            letters, missing = await _letters(store, keys)
-        by_oid = {ObjectId(str(d["_id"])): d for d in letters if _is_oid(d["_id"])}
-        others = [d for d in letters if not _is_oid(d["_id"])]
+            letters, missing = await _letters(rt.store, keys)
         results: list[RetryResult] = []
-        oids = list(by_oid)
-        for i in range(0, len(oids), RETRY_CHUNK):
-            chunk = oids[i : i + RETRY_CHUNK]
-            await rt.applier.apply_ids(chunk)
-            ledger = await store.ledger_by_id(chunk)
-            docs = await store.moods_by_id(chunk)
-            for oid in chunk:
-                results.append(await _settle(store, by_oid[oid], ledger.get(oid), oid in docs))
-        for letter in others:
-            results.append(await _retry_not_oid(store, letter))
+        for view in rt.store.views:
+            mine = [d for v, d in letters if v is view]
+            by_oid = {ObjectId(str(d["_id"])): d for d in mine if _is_oid(d["_id"])}
+            oids = list(by_oid)
+            for i in range(0, len(oids), RETRY_CHUNK):
+                chunk = oids[i : i + RETRY_CHUNK]
+                await rt.applier.apply_ids(chunk, rtype=view.rtype)
+                ledger = await view.ledger_by_id(chunk)
+                docs = await view.moods_by_id(chunk)
+                for oid in chunk:
+                    results.append(await _settle(view, by_oid[oid], ledger.get(oid), oid in docs))
+            for letter in mine:
+                if not _is_oid(letter["_id"]):
+                    results.append(await _retry_not_oid(view, letter))
         return results, missing
 
 
@@ -287,10 +295,10 @@ async def _retry_not_oid(store: Store, letter: Doc) -> RetryResult:
     except (ValueError, SyntaxError):
         original = None
     else:
-        if await store.moods.find_one({"_id": original}, {"_id": 1}) is None:
+        if await store.docs.find_one({"_id": original}, {"_id": 1}) is None:
             await store.dead_letters.delete_one({"_id": key})
             return RetryResult(key, True, "document gone")
-    reason = bad_id_reason(original, MOOD) if original is not None else str(letter.get("reason"))
+    reason = bad_id_reason(original, store.rtype) if original is not None else str(letter["reason"])
     await store.dead_letters.update_one(
         {"_id": key}, {"$set": {"reason": reason, "last_at": time.time()}, "$inc": {"attempts": 1}}
     )
@@ -318,7 +326,7 @@ def drop(ids: tuple[str, ...], all_: bool, yes: bool, **kw: Any) -> None:
     if all_ and not yes:
         raise click.UsageError("--all drops every dead letter: add --yes to confirm")
     uri, names = mongo_from(kw)
-    dropped, missing = _run(_drop, uri, kw["db_name"], names, kw["empty_ok"], list(ids), all_)
+    dropped, missing = _run(_drop, uri, kw["db_name"], names, kw, list(ids), all_)
     for key in missing:
         click.echo(f"{key}: not in the dead-letter queue", err=True)
     click.echo(f"dropped {dropped} dead letter{'s' if dropped != 1 else ''}")
@@ -326,42 +334,44 @@ def drop(ids: tuple[str, ...], all_: bool, yes: bool, **kw: Any) -> None:
 
 
 async def _drop(store: Store, keys: list[str], all_: bool) -> tuple[int, list[str]]:
-    if all_:
-        return (await store.dead_letters.delete_many({})).deleted_count, []
-    letters, missing = await _letters(store, keys)
-    result = await store.dead_letters.delete_many({"_id": {"$in": [d["_id"] for d in letters]}})
-    return result.deleted_count, missing
+    dropped = 0
+    letters, missing = ([], []) if all_ else await _letters(store, keys)
+    for view in store.views:
+        query = {} if all_ else {"_id": {"$in": [d["_id"] for v, d in letters if v is view]}}
+        dropped += (await view.dead_letters.delete_many(query)).deleted_count
+    return dropped, missing
 
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _run(fn: Any, uri: str, db: str, names: Names, empty_ok: bool, *args: Any) -> Any:
+def _run(fn: Any, uri: str, db: str, names: Names, kw: dict[str, Any], *args: Any) -> Any:
     async def go() -> Any:
         async with open_client(uri) as client:
-            store = Store(client, db, names)
-            await store.require_moods(empty_ok=empty_ok)
+            store = Store(client, db, names, rtypes=rtypes_from(kw))
+            await store.require_collections(empty_ok=kw["empty_ok"])
             return await fn(store, *args)
 
     return anyio.run(go)
 
 
-async def _letters(store: Store, keys: list[str]) -> tuple[list[Doc], list[str]]:
-    """The dead letters these IDs name, and the IDs that name none. A mood whose `_id` is not
-    an ObjectId is filed under its repr (`'mood-1'`); typed bare (`mood-1`) it is found too."""
+async def _letters(store: Store, keys: list[str]) -> tuple[list[tuple[Store, Doc]], list[str]]:
+    """The dead letters these IDs name (of any type mirrored, with its store), and the IDs
+    that name none. A document whose `_id` is not an ObjectId is filed under its repr
+    (`'mood-1'`); typed bare (`mood-1`) it is found too."""
     keys = list(dict.fromkeys(keys))
     either = {key: (key, repr(key)) for key in keys}
     wanted = [k for pair in either.values() for k in pair]
-    found = {str(d["_id"]): d async for d in store.dead_letters.find({"_id": {"$in": wanted}})}
-    letters: list[Doc] = []
-    missing: list[str] = []
-    for key, pair in either.items():
-        hit = next((found[k] for k in pair if k in found), None)
-        if hit is None:
-            missing.append(key)
-        elif all(hit is not d for d in letters):
-            letters.append(hit)
-    return letters, missing
+    letters: list[tuple[Store, Doc]] = []
+    missing = set(keys)
+    for view in store.views:
+        found = {str(d["_id"]): d async for d in view.dead_letters.find({"_id": {"$in": wanted}})}
+        for key, pair in either.items():
+            hit = next((found[k] for k in pair if k in found), None)
+            if hit is not None and all(hit is not d for _, d in letters):
+                letters.append((view, hit))
+                missing.discard(key)
+    return letters, [k for k in keys if k in missing]
 
 
 def _is_oid(key: Any) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,8 +27,16 @@ from pymongo import DESCENDING
 from .. import metrics
 from ..accounts import ParkedAccount
 from ..logs import redact
+from ..recordtypes import RecordType
 from ..store import Names, Store, open_client
-from .common import empty_ok_option, mongo_from, mongo_options, pds_option, pds_url_from
+from .common import (
+    empty_ok_option,
+    mongo_from,
+    mongo_options,
+    pds_option,
+    pds_url_from,
+    rtypes_from,
+)
 
 __all__ = ["gather", "status"]
 
@@ -43,16 +53,22 @@ def status(as_json: bool, **kw: Any) -> None:
     Exit: 0 shown, 1 MongoDB unreachable, 2 usage.
     """
     uri, names = mongo_from(kw)
-    report = anyio.run(_gather, uri, kw["db_name"], names, pds_url_from(kw), kw["empty_ok"])
+    rtypes = rtypes_from(kw)
+    report = anyio.run(_gather, uri, kw["db_name"], names, rtypes, pds_url_from(kw), kw["empty_ok"])
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
 
 
 async def _gather(
-    uri: str, db: str, names: Names, pds_url: str | None, empty_ok: bool
+    uri: str,
+    db: str,
+    names: Names,
+    rtypes: Sequence[RecordType],
+    pds_url: str | None,
+    empty_ok: bool,
 ) -> dict[str, Any]:
     async with open_client(uri) as client:
-        store = Store(client, db, names)
-        await store.require_moods(empty_ok=empty_ok)
+        store = Store(client, db, names, rtypes=rtypes)
+        await store.require_collections(empty_ok=empty_ok)
         return await gather(store, pds_url)
 
 
@@ -63,13 +79,18 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
     shadow = await state.find_one({"_id": f"{store.checkpoint_name}:dry-run"})
     stats = await state.find_one({"_id": metrics.stats_id(moods)})
     lease = await state.find_one({"_id": f"lease:{moods}"})  # as runtime.Runtime names it
-    ledger = await store.ledger_counts()
-    dead_count = await store.dead_letter_count()
-    dead_kinds = await store.dead_letter_counts()
-    records = await store.records_held()
-    latest_dead = await store.dead_letters.find_one({}, sort=[("last_at", DESCENDING)])
+    types = {view.rtype.name: await _of_type(view) for view in store.views}
+    ledger: Counter[str] = sum((Counter(t["ledger"]) for t in types.values()), Counter())
+    dead_kinds: Counter[str] = Counter({"invalid": 0, "failed": 0})
+    for t in types.values():
+        dead_kinds.update({k: t["dead_letters"][k] for k in ("invalid", "failed")})
+    dead_count = sum(t["dead_letters"]["count"] for t in types.values())
+    records = sum(t["records"] for t in types.values())
+    newest = [("last_at", DESCENDING)]
+    latest = [d for v in store.views if (d := await v.dead_letters.find_one({}, sort=newest))]
+    latest_dead = max(latest, key=lambda d: _epoch(d.get("last_at")) or 0.0, default=None)
     users_with_account = await store.users.count_documents({"atproto.did": {"$regex": "^did:"}})
-    moods_total = await store.moods.count_documents({})
+    moods_total = sum(t["documents"] for t in types.values())
     parked = await store.parked_accounts()
     erasures = {"done": await store.erasure_count(),
                 "under_way": len(await store.pending_erasures())}  # fmt: skip
@@ -80,6 +101,7 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
         "at": _iso(now),
         "db": store.db.name,
         "collection": moods,
+        "types": types,
         "checkpoint": _checkpoint(checkpoint, now),
         "shadow_checkpoint": _checkpoint(shadow, now) if shadow else None,
         "replicator": live,
@@ -100,12 +122,25 @@ async def gather(store: Store, pds_url: str | None = None) -> dict[str, Any]:
             "users_with_account": users_with_account,
             "moods": moods_total,
             "records": records,  # per the ledger (every location it holds); `audit` lists repos
-            "invalid": dead_kinds["invalid"],
+            "invalid": dead_kinds["invalid"],  # dead letters, every type
             "no_account": ledger.get("skipped", 0),
             **metrics.sync_figures(stats),
         },
     }
     return report
+
+
+async def _of_type(view: Store) -> dict[str, Any]:
+    """One record type's part of the report: its collection, documents, ledger, records."""
+    kinds = await view.dead_letter_counts()
+    return {
+        "collection": view.collection,
+        "nsid": view.rtype.nsid,
+        "documents": await view.docs.count_documents({}),
+        "ledger": dict(sorted((await view.ledger_counts()).items())),
+        "records": await view.records_held(),
+        "dead_letters": {"count": await view.dead_letter_count(), **kinds},
+    }
 
 
 def _iso(epoch: float | None) -> str | None:

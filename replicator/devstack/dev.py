@@ -69,7 +69,7 @@ async def _seed(settings: Settings, admin_password: str | None) -> dict[str, str
     async with open_client(settings.mongodb_uri) as client:
         await client.drop_database(settings.db_name)  # the local PDS starts empty every time
         store = Store(client, settings.db_name, settings.names)
-        await store.moods.create_index("user")  # as the app's own database has it
+        await store.docs.create_index("user")  # as the app's own database has it
         user = await seed_user(store, settings.pds_url, "alice", admin_password=admin_password)
         await seed_user(store, settings.pds_url, "bob", with_account=False)
         for i, text in enumerate(DEMO_MOODS):
@@ -79,7 +79,7 @@ async def _seed(settings: Settings, admin_password: str | None) -> dict[str, str
             await rt.applier.reconcile_user(user.sub)
         # Everything seeded is mirrored: the replicator starts from here, with nothing left for
         # a backfill (a first start without a checkpoint would advise one).
-        stream = await store.watch_moods(None, max_await_ms=100, batch_size=1)
+        stream = await store.watch_docs(None, max_await_ms=100, batch_size=1)
         try:
             await store.save_checkpoint(stream.resume_token)
         finally:

@@ -84,5 +84,5 @@ async def insert_mood(
     store: Store, user: str, text: str, *, when: datetime | None = None, **extra: Any
 ) -> ObjectId:
     doc: dict[str, Any] = {"user": user, "mood": text, "when": when or datetime.now(UTC), **extra}
-    result = await store.moods.insert_one(doc)
+    result = await store.docs.insert_one(doc)
     return ObjectId(result.inserted_id)

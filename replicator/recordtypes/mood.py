@@ -7,10 +7,11 @@ from typing import Any
 
 from bson import ObjectId
 
-from ..lexicon import MOOD_NSID as NSID
+from ..lexicon import MOOD_NSID
 from . import fields
 from .base import Document, Record, RecordType
 
+NSID = MOOD_NSID
 _FALSY_STRINGS = frozenset({"", "false", "0", "no", "off", "null", "undefined"})
 
 

@@ -8,7 +8,7 @@ What it keeps from a real replica set (and not from the test server):
   of an idle stream keeps moving, as a real server's does. A write that changes nothing (an
   `updateMany` of documents already nuked, a `$set` of the value already there) writes no
   oplog entry and makes no event.
-- Change events look exactly like what `store.MOODS_EVENT` / `USERS_EVENT` project: `_id`
+- Change events look exactly like what `store.DOC_EVENT` / `USERS_EVENT` project: `_id`
   (the resume token), `operationType` (`update` and `replace` distinct), `documentKey`, `ns`,
   `clusterTime`, `wallTime`, never `fullDocument`, and `fullDocumentBeforeChange.user` only
   where the collection has pre-images on (a world option) and the event has one.

@@ -12,6 +12,7 @@ core reads back is exactly what it would read from MongoDB.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from bson import ObjectId
 from replicator.accounts import ParkedAccount
 from replicator.lease import Fence, Fenced
 from replicator.model import Account, LedgerEntry, State
+from replicator.recordtypes import MOOD, RecordType
 from replicator.sessions import Session, session_from_doc, session_to_doc
 from replicator.store import (
     Letter,
@@ -54,6 +56,7 @@ class FakeStore:
         names: Names | None = None,
         fence: Fence | None = None,
         *,
+        rtypes: Sequence[RecordType] = (MOOD,),
         kill_cursor: Callable[[], bool] = lambda: False,
         idle_wait: Callable[[], float] = lambda: 0.25,
     ) -> None:
@@ -65,16 +68,31 @@ class FakeStore:
         self.checkpoint_name = f"checkpoint:{self.names.moods}"
         self._kill_cursor = kill_cursor
         self._idle_wait = idle_wait
+        self.rtypes = tuple(rtypes)
+        self._bind(self.rtypes[0])
+
+    def _bind(self, rtype: RecordType) -> None:
+        self.rtype = rtype
+        self.collection = self.names.collection(rtype)
+        self._ledger = self.names.ledger(rtype)
+        self._letters = self.names.dead_letters(rtype)
+
+    def of(self, rtype: RecordType) -> FakeStore:
+        if rtype is self.rtype:
+            return self
+        view = copy.copy(self)
+        view._bind(rtype)
+        return view
+
+    @property
+    def views(self) -> list[FakeStore]:
+        return [self.of(t) for t in self.rtypes]
 
     async def _io(self, site: str, op: Callable[[], T]) -> T:
         return await self.scheduler.io(self.proc, site, op)
 
     def _now(self) -> float:
         return self.scheduler.clock.time()
-
-    @property
-    def _moods(self) -> str:
-        return self.names.moods
 
     # -- the app's data ----------------------------------------------------------------------
 
@@ -83,7 +101,7 @@ class FakeStore:
             return {}
         wanted = set(ids)
         docs = await self._io(
-            "moods_by_id", lambda: self.state.find(self._moods, lambda d: d["_id"] in wanted)
+            "moods_by_id", lambda: self.state.find(self.collection, lambda d: d["_id"] in wanted)
         )
         return {d["_id"]: d for d in docs}
 
@@ -98,7 +116,7 @@ class FakeStore:
 
         def op() -> dict[str, list[Doc]]:
             found: dict[str, list[Doc]] = {}
-            for doc in self.state.find(self._moods, lambda d: d.get("user") in wanted):
+            for doc in self.state.find(self.collection, lambda d: d.get("user") in wanted):
                 found.setdefault(str(doc["user"]), []).append(doc)
             return found
 
@@ -129,7 +147,7 @@ class FakeStore:
         return await self._io("users_gone", op)
 
     async def user_of_mood(self, mood_id: Any) -> Any:
-        doc = await self._io("user_of_mood", lambda: self.state.get(self._moods, mood_id))
+        doc = await self._io("user_of_mood", lambda: self.state.get(self.collection, mood_id))
         return (doc or {}).get("user")
 
     async def resolve_user(self, who: str) -> str | None:
@@ -149,12 +167,12 @@ class FakeStore:
 
         def op() -> dict[ObjectId, str]:
             for mood_id, rkey in items:
-                doc = self.state.get(self._moods, mood_id)
+                doc = self.state.get(self.collection, mood_id)
                 if doc is None:
                     continue  # never upserted: a deleted document is not resurrected
                 atproto = doc.get("atproto", {})
                 change = _set_rkey if isinstance(atproto, dict) else _replace_atproto  # code 28
-                self.state.update(self._moods, mood_id, functools.partial(change, rkey=rkey))
+                self.state.update(self.collection, mood_id, functools.partial(change, rkey=rkey))
             return {}
 
         return await self._io("write_back_many", op)
@@ -162,7 +180,7 @@ class FakeStore:
     # -- ledger ------------------------------------------------------------------------------
 
     def _ledger_docs(self, match: Callable[[Doc], bool]) -> list[Doc]:
-        return self.state.find(self.names.ledger, match)
+        return self.state.find(self._ledger, match)
 
     async def ledger_by_id(self, ids: Sequence[ObjectId]) -> dict[ObjectId, LedgerEntry]:
         if not ids:
@@ -217,7 +235,7 @@ class FakeStore:
             refused = False
             for e in entries:
                 key = str(e.mood_id)
-                current = self.state.get(self.names.ledger, key)
+                current = self.state.get(self._ledger, key)
                 newer = (
                     generation is not None
                     and current is not None
@@ -229,7 +247,7 @@ class FakeStore:
                     continue
                 values = {**entry_to_doc(replace(e, generation=generation)), "updated_at": now}
                 self.state.update(
-                    self.names.ledger, key, functools.partial(_merge, values=values), upsert=True
+                    self._ledger, key, functools.partial(_merge, values=values), upsert=True
                 )
             if refused:
                 raise Fenced("a newer lease generation wrote these ledger entries")
@@ -250,7 +268,7 @@ class FakeStore:
         now = self._now()
 
         def op() -> list[ObjectId]:
-            docs = self.state.coll(self.names.ledger).values()  # natural order
+            docs = self.state.coll(self._ledger).values()  # natural order
             waiting = (State.PARKED.value, State.PENDING.value)
             due = [d["_id"] for d in docs if d.get("state") in waiting and _due(d, now)]
             return [ObjectId(i) for i in due[:limit]]
@@ -259,16 +277,16 @@ class FakeStore:
 
     # -- change streams and checkpoints ------------------------------------------------------
 
-    async def watch_moods(
+    async def watch_docs(
         self, token: Mapping[str, Any] | None, *, max_await_ms: int, batch_size: int
     ) -> FakeChangeStream:
         return await self._io(
-            "watch_moods",
+            "watch_docs",
             lambda: open_stream(
                 self.state,
                 self.scheduler,
                 self.proc,
-                self._moods,
+                self.collection,
                 token,
                 batch_size=batch_size,
                 max_await_ms=max_await_ms,
@@ -342,17 +360,18 @@ class FakeStore:
             "clear_checkpoint_marks", lambda: self.state.update(self.names.state, key, unset)
         )
 
-    async def moods_exists(self) -> bool:
-        return await self._io("moods_exists", lambda: self._moods in self.state.collections)
+    async def docs_exist(self) -> bool:
+        return await self._io("docs_exist", lambda: self.collection in self.state.collections)
 
     async def users_in_scope(self) -> list[str]:
         def op() -> list[str]:
-            found = {d.get("user") for d in self.state.find(self._moods)}
-            found |= {d.get("user") for d in self._ledger_docs(lambda d: True)}
-            found |= {d["_id"] for d in self.state.find(self.names.users) if _has_did(d)}
+            found = {d["_id"] for d in self.state.find(self.names.users) if _has_did(d)}
             found |= {d.get("sub") for d in self.state.find(self.names.sessions)}
             found |= {d.get("sub") for d in self.state.find(self.names.accounts)}
-            found |= {d.get("user") for d in self.state.find(self.names.dead_letters)}
+            for view in self.views:
+                found |= {d.get(view.rtype.owner) for d in self.state.find(view.collection)}
+                found |= {d.get("user") for d in view._ledger_docs(lambda d: True)}
+                found |= {d.get("user") for d in self.state.find(view._letters)}
             return sorted(u for u in found if isinstance(u, str))
 
         return await self._io("users_in_scope", op)
@@ -510,8 +529,8 @@ class FakeStore:
 
         for collection, match in (
             (self.names.accounts, by_key), (self.names.sessions, by_key),
-            (self.names.dead_letters, named), (self._runs, lambda d: d["_id"] == sub),
-            (self.names.ledger, named),
+            *((v._letters, named) for v in self.views), (self._runs, lambda d: d["_id"] == sub),
+            *((v._ledger, named) for v in self.views),
         ):  # fmt: skip
             await self._io("forget_user", functools.partial(self._delete_many, collection, match))
         await self._io("forget_user", lambda: self.state.update(
@@ -551,13 +570,13 @@ class FakeStore:
                                 "last_at": now})  # fmt: skip
                     doc["attempts"] = doc.get("attempts", 0) + 1
 
-                self.state.update(self.names.dead_letters, key, change, upsert=True)
+                self.state.update(self._letters, key, change, upsert=True)
 
         await self._io("dead_letter_many", op)
 
     async def forget_dead_letter(self, key: str) -> None:
         await self._io("forget_dead_letter",
-                       lambda: self.state.delete(self.names.dead_letters, key))  # fmt: skip
+                       lambda: self.state.delete(self._letters, key))  # fmt: skip
 
     async def clear_dead_letters(self, ids: Sequence[ObjectId]) -> None:
         if not ids:
@@ -565,7 +584,7 @@ class FakeStore:
 
         def op() -> None:
             for i in ids:
-                self.state.delete(self.names.dead_letters, str(i))
+                self.state.delete(self._letters, str(i))
 
         await self._io("clear_dead_letters", op)
 
@@ -574,14 +593,14 @@ class FakeStore:
 
         def op() -> None:
             self._delete_many(
-                self.names.dead_letters, lambda d: d.get("user") == sub and d["_id"] not in kept
+                self._letters, lambda d: d.get("user") == sub and d["_id"] not in kept
             )
 
         await self._io("clear_dead_letters_but", op)
 
     async def dead_letter_count(self) -> int:
         return await self._io("dead_letter_count",
-                              lambda: len(self.state.coll(self.names.dead_letters)))  # fmt: skip
+                              lambda: len(self.state.coll(self._letters)))  # fmt: skip
 
 
 def _set_rkey(doc: Doc, rkey: str) -> None:

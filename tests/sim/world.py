@@ -57,7 +57,7 @@ RETRY_ATTEMPTS = 100
 SITES = (
     "moods_by_id", "ledger_by_id", "accounts", "moods_of_user",
     "dead_letter_many", "ledger_of_user", "parked_ids", "save_entries", "rkey_owners",
-    "write_back_many", "clear_dead_letters", "forget_dead_letter", "watch_moods", "watch_users",
+    "write_back_many", "clear_dead_letters", "forget_dead_letter", "watch_docs", "watch_users",
     "load_checkpoint", "save_checkpoint", "clear_checkpoint_marks", "users_in_scope",
     "user_of_mood", "load_run", "start_run", "finish_run", "users_done", "user_done",
     "parked_accounts", "save_parked_account", "release_account", "load_session",
@@ -408,9 +408,7 @@ class World:
         gate = AccountGate(core, pds, self.pds.url, directory,
                            recheck_seconds=o.account_recheck_seconds,
                            clock=self.clock.time)  # fmt: skip
-        applier = Applier(
-            core, writer, kind=MOOD, gate=gate, concurrency=o.concurrency, clock=self.clock.time
-        )
+        applier = Applier(core, writer, gate=gate, concurrency=o.concurrency, clock=self.clock.time)
         replicator = Replicator(
             core, applier, batch_size=o.batch_size, max_batch_ms=250,
             heartbeat_seconds=o.heartbeat_seconds, parked_retry_seconds=o.parked_retry_seconds,
