@@ -43,9 +43,10 @@ from .ledger import sent_key as _key
 from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
+from .ports import CoreStore
 from .recordtypes import RecordType
 from .rollout import NOT_ENABLED
-from .store import Letter, Store, Written, sub_hash
+from .store import Letter, Written, sub_hash
 from .tasks import task_group
 from .writer import RepoWriter
 
@@ -72,7 +73,7 @@ class Outcome:
 class Applier:
     def __init__(
         self,
-        store: Store,
+        store: CoreStore,
         writer: RepoWriter,
         *,
         gate: AccountGate | None = None,
@@ -182,7 +183,7 @@ class Applier:
 
     async def _reconcile(
         self,
-        view: Store,
+        view: CoreStore,
         subs: Sequence[str],
         accounts: Mapping[str, Account | None],
         reads: Mapping[str, list[dict[str, Any]]],
@@ -405,7 +406,7 @@ class Applier:
 
     async def _execute(
         self,
-        view: Store,
+        view: CoreStore,
         plans: list[UserPlan],
         before: dict[ObjectId, LedgerEntry],
         *,
@@ -521,7 +522,7 @@ class Applier:
 
     async def _salted(
         self,
-        view: Store,
+        view: CoreStore,
         plans: list[UserPlan],
         ledger: Mapping[ObjectId, LedgerEntry],
         *,
@@ -650,7 +651,7 @@ class Applier:
 
     async def _report(
         self,
-        view: Store,
+        view: CoreStore,
         plans: list[UserPlan],
         before: dict[ObjectId, LedgerEntry],
         record: _Record,
@@ -713,7 +714,7 @@ def _lanes_done(
 class _Record:
     """One `_execute`'s outcomes, recorded chunk by chunk as its lanes finish."""
 
-    view: Store
+    view: CoreStore
     generation: int | None
     before: Mapping[ObjectId, LedgerEntry]
     pending: Mapping[ObjectId, LedgerEntry]
@@ -801,7 +802,7 @@ def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
     outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
 
 
-def fingerprint(views: Sequence[Store], docs: Sequence[Sequence[Mapping[str, Any]]]) -> str:
+def fingerprint(views: Sequence[CoreStore], docs: Sequence[Sequence[Mapping[str, Any]]]) -> str:
     """What a concurrent writer could change in a user's documents of each type (our own
     write-back aside): the type's `fingerprint` fields and the `_id`s."""
     items = [

@@ -36,7 +36,6 @@ from typing import Any, Literal
 import anyio
 from bson import ObjectId, Timestamp
 from loguru import logger
-from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import crashpoints
@@ -44,15 +43,16 @@ from .apply import Applier, Outcome
 from .backfill import Backfill
 from .desired import bad_id_reason, valid_user
 from .lease import Fenced, Lease
+from .ports import ChangeStream, CoreStore
 from .recordtypes import MOOD
-from .store import Doc, Store
+from .store import Doc
 
 HISTORY_LOST_CODES = {286: "ChangeStreamHistoryLost", 280: "ChangeStreamFatalError",
                       260: "InvalidResumeToken"}  # fmt: skip
 _DOC_EVENTS = frozenset({"insert", "update", "replace", "delete"})
 _END_EVENTS = frozenset({"invalidate", "drop", "rename", "dropDatabase"})
 
-OpenStream = Callable[[Mapping[str, Any] | None], Awaitable[AsyncChangeStream[Doc]]]
+OpenStream = Callable[[Mapping[str, Any] | None], Awaitable[ChangeStream]]
 
 
 class StreamInvalidated(RuntimeError):
@@ -136,7 +136,7 @@ def _account_changed(change: Mapping[str, Any]) -> bool:
 class Replicator:
     def __init__(
         self,
-        store: Store,
+        store: CoreStore,
         applier: Applier,
         *,
         batch_size: int = 2000,
@@ -193,7 +193,7 @@ class Replicator:
         """Caught up: nothing read and not yet applied (lag 0)."""
         return self.oldest_unapplied_at is None
 
-    async def _watch(self, token: Mapping[str, Any] | None) -> AsyncChangeStream[Doc]:
+    async def _watch(self, token: Mapping[str, Any] | None) -> ChangeStream:
         return await self.store.watch_docs(
             token, max_await_ms=self.max_await_ms, batch_size=self.batch_size
         )
@@ -274,7 +274,7 @@ class Replicator:
                     await stop.wait()
                 delay = min(delay * 2, 10.0)
 
-    async def _position(self, first: bool) -> AsyncChangeStream[Doc]:
+    async def _position(self, first: bool) -> ChangeStream:
         """The stream to read, from the checkpoint; recovers first where it must."""
         checkpoint = await self.store.load_checkpoint() or {}
         if checkpoint.get("recovery"):
@@ -347,7 +347,7 @@ class Replicator:
 
     async def _recover(
         self, recovery: Mapping[str, Any] | None, *, kind: str = "history-lost"
-    ) -> AsyncChangeStream[Doc]:
+    ) -> ChangeStream:
         """Reconcile every user, then continue from the position taken before the first of
         them. Progress is saved per user: an interrupted recovery resumes where it stopped."""
         if recovery is None:
@@ -379,7 +379,7 @@ class Replicator:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _pump(self, stream: AsyncChangeStream[Doc], stop: anyio.Event) -> None:
+    async def _pump(self, stream: ChangeStream, stop: anyio.Event) -> None:
         next_parked = self._clock() + self.parked_retry_seconds
         while not stop.is_set():
             batch = await self._read(stream, stop)
@@ -399,7 +399,7 @@ class Replicator:
                 next_parked = self._clock() + self.parked_retry_seconds
             await self.applier.maintain(retry_parked=retry)
 
-    async def _read(self, stream: AsyncChangeStream[Doc], stop: anyio.Event) -> list[Doc]:
+    async def _read(self, stream: ChangeStream, stop: anyio.Event) -> list[Doc]:
         batch: list[Doc] = []
         started = 0.0
         while len(batch) < self.batch_size and not stop.is_set():
@@ -419,7 +419,7 @@ class Replicator:
                 break
         return batch
 
-    async def _apply_batch(self, stream: AsyncChangeStream[Doc], batch: list[Doc]) -> None:
+    async def _apply_batch(self, stream: ChangeStream, batch: list[Doc]) -> None:
         views = {view.collection: view for view in self.store.views}
         ids: dict[str, list[ObjectId]] = {}  # by collection
         owners: dict[ObjectId, str] = {}
@@ -548,7 +548,7 @@ class Replicator:
                 delay = min(delay * 2, 10.0)
 
     async def _read_users(
-        self, stream: AsyncChangeStream[Doc], stop: anyio.Event
+        self, stream: ChangeStream, stop: anyio.Event
     ) -> Mapping[str, Any] | None:
         """Until `stop`, or until the stream ends: then the token to start after."""
         while not stop.is_set():
@@ -605,7 +605,7 @@ def _log_batch(changes: int, counts: Mapping[str, int], oldest: float | None) ->
     )  # fmt: skip
 
 
-def _position_of(stream: AsyncChangeStream[Doc]) -> Mapping[str, Any]:
+def _position_of(stream: ChangeStream) -> Mapping[str, Any]:
     """Where a stream just opened at "now" stands (MongoDB 4.0.7+ answers it with the first
     reply: the post-batch resume token)."""
     token = stream.resume_token

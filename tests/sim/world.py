@@ -18,7 +18,7 @@ import hashlib
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
@@ -35,7 +35,6 @@ from replicator.model import State
 from replicator.pds import Pds
 from replicator.recordtypes import MOOD
 from replicator.sessions import SessionPool
-from replicator.store import Store
 from replicator.stream import Replicator
 from replicator.writer import RepoWriter
 
@@ -401,7 +400,7 @@ class World:
         )
         pds = Pds(self.pds.url, http=http, retry_timeout=None)
         pds.fence = fence
-        core = cast(Store, store)
+        core = store  # the same Protocols as the real adapter (replicator.ports)
         sessions = SessionPool(pds, core)
         writer = RepoWriter(sessions)
         directory = Directory(plc, PLC_URL, clock=self.clock.monotonic)
