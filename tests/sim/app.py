@@ -27,7 +27,7 @@ from replicator.recordtypes.mood import is_deleted
 from .fake_mongo import Doc, MongoState
 from .fake_pds import REFUSED, PdsState
 
-MOODS, USERS, HANDLES = "moods", "users", "@handles"
+MOODS, USERS, HANDLES, POSTS = "moods", "users", "@handles", "news-posts"
 TEXTS = (
     "feeling fine", "🌧️ rainy but ok", "multi\nline\nmood", "ça va très bien", "日本語のムード",
     "  padded  ", "ok", "tired.", "🎉🎉🎉", "a" * 300, "tabs\tand\u00a0nbsp", "Ω≈ç√∫",
@@ -79,10 +79,15 @@ class App:
         bad_docs: bool = False,
         deactivations: bool = False,
         erasures: bool = False,
+        news_rng: random.Random | None = None,
     ) -> None:
+        """`news_rng`: news posts are written too, drawn from it (so that a world without
+        news makes exactly the draws it made before there were news)."""
         self.mongo = mongo
         self.pds = pds
         self.rng = rng
+        self.news_rng = news_rng
+        self.theirs: dict[ObjectId, Doc] = {}  # the `atproto` of each post not ours
         self.bad_docs = bad_docs
         self.deactivations = deactivations
         self.erasures = erasures
@@ -146,6 +151,8 @@ class App:
 
     def pick(self) -> Mutation:
         """A mutation, weighted as a busy app would do them."""
+        if self.news_rng is not None and self.news_rng.random() < 0.35:
+            return self.pick_news(self.news_rng)
         rng = self.rng
         owners = {m.get("user") for m in self.all_moods()}
         with_moods = [u for u in self.current() if u.sub in owners]
@@ -314,6 +321,76 @@ class App:
         for doc in self.moods_of(user):
             if self.mongo.delete(MOODS, doc["_id"]):
                 yield f"erase mood {doc['_id']}"
+        # The newer job deletes the posts too; the older endpoint leaves them behind (their
+        # records must go all the same: the user is erased).
+        if self.news_rng is not None and self.news_rng.random() < 0.5:
+            for doc in self.posts_of(user):
+                if self.mongo.delete(POSTS, doc["_id"]):
+                    yield f"erase post {doc['_id']}"
+
+    # -- news posts (AC-RECORD-TYPES.md, "news") ----------------------------------------------
+
+    def posts_of(self, user: User) -> list[Doc]:
+        return self.mongo.find(POSTS, lambda d: d.get("user") == user.sub)
+
+    def all_posts(self) -> list[Doc]:
+        return self.mongo.find(POSTS)
+
+    def pick_news(self, rng: random.Random) -> Mutation:
+        owners = {d.get("user") for d in self.all_posts()}
+        with_posts = [u for u in self.current() if u.sub in owners]
+        kinds: list[tuple[str, float]] = [("post", 5.0)]
+        if with_posts:
+            kinds += [("post_edit", 2.0), ("post_dead", 1.5), ("post_live", 1.5),
+                      ("post_delete", 0.7)]  # fmt: skip
+        names, weights = zip(*kinds, strict=True)
+        kind = rng.choices(names, weights)[0]
+        user = rng.choice(with_posts if kind != "post" else self.current())
+        mutation: Mutation = getattr(self, kind)(user, rng)
+        return mutation
+
+    def post(self, user: User, rng: random.Random) -> Mutation:
+        """A post as the app writes it; sometimes one ingested from Bluesky (its `atproto`
+        someone else's: never ours to write), one with no user, or (bad documents) one the
+        lexicon refuses."""
+        doc: Doc = {"_id": self.object_id(), "user": user.sub, "title": rng.choice(TEXTS[:9]),
+                    "text": rng.choice(("", "a body", "🙂" * 40)), "when": self.when(),
+                    "url": rng.choice(("", "https://aesthetic.computer/news")),
+                    "status": "live"}  # fmt: skip
+        odd = rng.random()
+        if odd < 0.1:
+            did = "did:plc:" + "b" * 24
+            doc["external"] = {"source": "bsky"}
+            doc["atproto"] = {"rkey": "3lbskyaaaaaa2", "did": did,
+                              "uri": f"at://{did}/app.bsky.feed.post/3lbskyaaaaaa2"}  # fmt: skip
+            self.theirs[doc["_id"]] = dict(doc["atproto"])
+        elif odd < 0.15:
+            del doc["user"]
+        elif odd < 0.25 and self.bad_docs:
+            doc["title"] = rng.choice(("", None, "x" * 301))
+        self.mongo.insert(POSTS, doc)
+        yield f"post {doc['_id']} of {user.handle}"
+
+    def post_edit(self, user: User, rng: random.Random) -> Mutation:
+        doc = rng.choice(self.posts_of(user))
+        title = rng.choice(TEXTS[:9]) + rng.choice(("", " (edited)"))
+        self.mongo.update(POSTS, doc["_id"], lambda d: d.__setitem__("title", title))
+        yield f"post edit {doc['_id']}"
+
+    def post_dead(self, user: User, rng: random.Random) -> Mutation:
+        doc = rng.choice(self.posts_of(user))
+        self.mongo.update(POSTS, doc["_id"], lambda d: d.__setitem__("status", "dead"))
+        yield f"post dead {doc['_id']}"
+
+    def post_live(self, user: User, rng: random.Random) -> Mutation:
+        doc = rng.choice(self.posts_of(user))
+        self.mongo.update(POSTS, doc["_id"], lambda d: d.__setitem__("status", "live"))
+        yield f"post live {doc['_id']}"
+
+    def post_delete(self, user: User, rng: random.Random) -> Mutation:
+        doc = rng.choice(self.posts_of(user))
+        self.mongo.delete(POSTS, doc["_id"])
+        yield f"post delete {doc['_id']}"
 
     def rescue(self, user: User) -> str:
         """The operator, alerted (the replicator parked the user `erased`), does one of the
@@ -363,3 +440,7 @@ class App:
 
 def live(doc: dict[str, Any] | None) -> bool:
     return doc is not None and not is_deleted(doc.get("deleted"))
+
+
+def live_post(doc: dict[str, Any] | None) -> bool:
+    return doc is not None and doc.get("status") != "dead"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -105,7 +105,7 @@ class MongoState:
     position: int = 0  # the head of the oplog
     floor: int = 0  # the oldest position still in the oplog
     events: list[Event] = field(default_factory=list)
-    watched: tuple[str, ...] = ("moods", "users")
+    watched: tuple[str, ...] = ("moods", "users", "news-posts")
     last_positions: dict[str, int] = field(default_factory=dict)  # newest event, by collection
     on_write: Callable[[str, str, Any, Doc | None, Doc | None], None] | None = None
 
@@ -151,10 +151,10 @@ class MongoState:
         """Position of the newest event of `collection`, pruned or not (0: none yet)."""
         return self.last_positions.get(collection, 0)
 
-    def events_after(self, collection: str, position: int, limit: int) -> list[Event]:
+    def events_after(self, collections: Collection[str], position: int, limit: int) -> list[Event]:
         out = []
         for event in self.events:
-            if event.position > position and event.collection == collection:
+            if event.position > position and event.collection in collections:
                 out.append(event)
                 if len(out) >= limit:
                     break
@@ -241,11 +241,13 @@ class FakeChangeStream:
         max_await_ms: int,
         kill_cursor: Callable[[], bool] = lambda: False,
         idle_wait: Callable[[], float] | None = None,
+        also: tuple[str, ...] = (),
     ) -> None:
         self._state = state
         self._scheduler = scheduler
         self._proc = proc
-        self._collection = collection
+        self._collection = collection  # names its steps; `also`: more collections followed
+        self._collections = (collection, *also)
         self._position = start
         self._resume_token: dict[str, Any] | None = dict(start_token) if start_token else None
         if self._resume_token is None:
@@ -283,7 +285,7 @@ class FakeChangeStream:
                 code=HISTORY_LOST,
                 details={"code": HISTORY_LOST, "codeName": "ChangeStreamHistoryLost"},
             )
-        found = self._state.events_after(self._collection, self._position, self._batch_size)
+        found = self._state.events_after(self._collections, self._position, self._batch_size)
         if len(found) >= self._batch_size:
             self._position = found[-1].position
         else:
@@ -332,8 +334,10 @@ def open_stream(
     max_await_ms: int,
     kill_cursor: Callable[[], bool] = lambda: False,
     idle_wait: Callable[[], float] | None = None,
+    also: tuple[str, ...] = (),
 ) -> FakeChangeStream:
-    """`watch(start_after=...)`: the aggregate that opens a stream (the caller's step)."""
+    """`watch(start_after=...)`: the aggregate that opens a stream (the caller's step);
+    `also`: the other collections one database stream follows with `collection`."""
     if start_after is not None:
         start = position_of(start_after)
         if start < state.floor:
@@ -349,5 +353,5 @@ def open_stream(
     return FakeChangeStream(
         state, scheduler, proc, collection, start, start_after,
         batch_size=batch_size, max_await_ms=max_await_ms, kill_cursor=kill_cursor,
-        idle_wait=idle_wait,
+        idle_wait=idle_wait, also=also,
     )  # fmt: skip

@@ -46,6 +46,7 @@ from replicator.desired import record_cid
 from .scheduler import Process, Scheduler
 
 COLLECTION = "computer.aesthetic.mood"
+COLLECTIONS = frozenset({COLLECTION, "computer.aesthetic.news"})  # the record types mirrored
 REFUSED = "⛔"  # a content policy: this PDS refuses, for good, a record whose text holds it
 Record = dict[str, Any]
 Fault = Literal["drop", "502", "502-applied"]
@@ -89,6 +90,7 @@ class Applied:
     rkey: str
     ref: str | None
     cid: str | None
+    collection: str = COLLECTION
 
 
 @dataclass
@@ -178,31 +180,34 @@ class PdsState:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def _commit(self, repo: Repo, step: int, changes: list[tuple[str, str, Record | None]]) -> None:
-        """Apply (action, rkey, record) in order; the log and the monitor see each change."""
-        coll = repo.collection()
+    def _commit(
+        self, repo: Repo, step: int, changes: list[tuple[str, str, str, Record | None]]
+    ) -> None:
+        """Apply (action, collection, rkey, record) in order, in one commit; the log and the
+        monitor see each change."""
         repo.rev += 1
-        for _action, rkey, record in changes:
+        for _action, name, rkey, record in changes:
+            coll = repo.collection(name)
             before = coll.get(rkey)
             if record is None:
                 del coll[rkey]
                 ref = _ref(before[1]) if before else None
-                applied = Applied(step, repo.did, "delete", rkey, ref, None)
+                applied = Applied(step, repo.did, "delete", rkey, ref, None, name)
             else:
                 cid = cid_of(record)
                 coll[rkey] = (cid, record)
                 kind: Literal["create", "update"] = "update" if before else "create"
-                applied = Applied(step, repo.did, kind, rkey, _ref(record), cid)
+                applied = Applied(step, repo.did, kind, rkey, _ref(record), cid, name)
             self.log.append(applied)
             if self.on_change is not None:
                 self.on_change(applied, record)
 
     def put_record(self, repo: Repo, body: dict[str, Any], step: int) -> dict[str, Any]:
-        rkey, record = str(body["rkey"]), dict(body["record"])
-        _check_collection(body.get("collection"), record)
-        current = repo.collection().get(rkey)
+        rkey, record, name = str(body["rkey"]), dict(body["record"]), str(body.get("collection"))
+        _check_collection(name, record)
+        current = repo.collection(name).get(rkey)
         cid = cid_of(record)
-        uri = f"at://{repo.did}/{COLLECTION}/{rkey}"
+        uri = f"at://{repo.did}/{name}/{rkey}"
         if current is not None and current[0] == cid:
             return {"uri": uri, "cid": cid, "validationStatus": "unknown"}  # no-op, swap ignored
         if "swapRecord" in body:
@@ -212,48 +217,48 @@ class PdsState:
             ):
                 was = current[0] if current else "null"
                 raise XrpcFail(400, "InvalidSwap", f"Record was at {was}")
-        self._commit(repo, step, [("put", rkey, record)])
+        self._commit(repo, step, [("put", name, rkey, record)])
         commit = {"cid": f"commit-{repo.rev}", "rev": str(repo.rev)}
         return {"uri": uri, "cid": cid, "commit": commit, "validationStatus": "unknown"}
 
     def delete_record(self, repo: Repo, body: dict[str, Any], step: int) -> dict[str, Any]:
-        rkey = str(body["rkey"])
-        current = repo.collection().get(rkey)
+        rkey, name = str(body["rkey"]), str(body.get("collection"))
+        current = repo.collection(name).get(rkey)
         if current is None:
             return {}  # no-op, whatever the swap says
         swap = body.get("swapRecord")
         if swap and swap != current[0]:
             raise XrpcFail(400, "InvalidSwap", f"Record was at {current[0]}")
-        self._commit(repo, step, [("delete", rkey, None)])
+        self._commit(repo, step, [("delete", name, rkey, None)])
         return {"commit": {"cid": f"commit-{repo.rev}", "rev": str(repo.rev)}}
 
     def apply_writes(self, repo: Repo, body: dict[str, Any], step: int) -> dict[str, Any]:
         writes = list(body.get("writes") or [])
         if len(writes) > 200:
             raise XrpcFail(400, "InvalidRequest", "Too many writes. Max: 200")
-        present = set(repo.collection())
-        changes: list[tuple[str, str, Record | None]] = []
+        present = {(name, rkey) for name in COLLECTIONS for rkey in repo.collection(name)}
+        changes: list[tuple[str, str, str, Record | None]] = []
         results: list[dict[str, Any]] = []
         for op in writes:
             kind = str(op.get("$type", "")).rsplit("#", 1)[-1]
-            rkey = str(op["rkey"])
+            rkey, name = str(op["rkey"]), str(op.get("collection"))
             if kind in ("create", "update"):
                 record = dict(op["value"])
-                _check_collection(op.get("collection"), record)
-                if (kind == "create") == (rkey in present):
+                _check_collection(name, record)
+                if (kind == "create") == ((name, rkey) in present):
                     why = "already a value" if kind == "create" else "could not find a record"
                     raise XrpcFail(500, "InternalServerError", "Internal Server Error", why)
-                present.add(rkey)
-                changes.append(("put", rkey, record))
+                present.add((name, rkey))
+                changes.append(("put", name, rkey, record))
                 results.append({"$type": f"com.atproto.repo.applyWrites#{kind}Result",
-                                "uri": f"at://{repo.did}/{COLLECTION}/{rkey}",
+                                "uri": f"at://{repo.did}/{name}/{rkey}",
                                 "cid": cid_of(record), "validationStatus": "unknown"})  # fmt: skip
             elif kind == "delete":
-                if rkey not in present:
+                if (name, rkey) not in present:
                     raise XrpcFail(500, "InternalServerError", "Internal Server Error",
                                    "could not find a record")  # fmt: skip
-                present.discard(rkey)
-                changes.append(("delete", rkey, None))
+                present.discard((name, rkey))
+                changes.append(("delete", name, rkey, None))
                 results.append({"$type": "com.atproto.repo.applyWrites#deleteResult"})
             else:
                 raise XrpcFail(400, "InvalidRequest", f"Action not supported: {op.get('$type')}")
@@ -268,13 +273,14 @@ class PdsState:
             raise XrpcFail(400, "InvalidRequest", f"Could not find repo: {params.get('repo')}")
         limit = min(100, max(1, int(params.get("limit", "50"))))
         cursor = params.get("cursor")
-        rkeys = sorted(repo.collection(params.get("collection", COLLECTION)), reverse=True)
+        name = params.get("collection", COLLECTION)
+        coll = repo.collection(name)
+        rkeys = sorted(coll, reverse=True)
         if cursor:
             rkeys = [r for r in rkeys if r < cursor]
         page = rkeys[:limit]
-        coll = repo.collection()
         out: dict[str, Any] = {"records": [
-            {"uri": f"at://{repo.did}/{COLLECTION}/{r}", "cid": coll[r][0], "value": coll[r][1]}
+            {"uri": f"at://{repo.did}/{name}/{r}", "cid": coll[r][0], "value": coll[r][1]}
             for r in page
         ]}  # fmt: skip
         if page:
@@ -297,7 +303,7 @@ def _ref(record: Record | None) -> str | None:
 
 
 def _check_collection(collection: Any, record: Record) -> None:
-    if collection != COLLECTION or record.get("$type") != COLLECTION:
+    if collection not in COLLECTIONS or record.get("$type") != collection:
         raise XrpcFail(400, "InvalidRequest", f"Invalid $type: expected {collection}")
     if REFUSED in str(record.get("mood", "")):
         raise XrpcFail(400, "InvalidRequest", "Record refused by this server's content policy",

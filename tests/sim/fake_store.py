@@ -292,6 +292,7 @@ class FakeStore:
                 max_await_ms=max_await_ms,
                 kill_cursor=self._kill_cursor,
                 idle_wait=self._idle_wait,
+                also=tuple(v.collection for v in self.views if v is not self),
             ),
         )
 

@@ -33,13 +33,13 @@ from replicator.identity import Directory
 from replicator.lease import Fence
 from replicator.model import State
 from replicator.pds import Pds
-from replicator.recordtypes import MOOD
+from replicator.recordtypes import MOOD, NEWS
 from replicator.sessions import SessionPool
 from replicator.stream import Replicator
 from replicator.writer import RepoWriter
 
-from .app import App
-from .checks import Safety, canonical, divergences, remembered
+from .app import POSTS, App
+from .checks import SIM_TYPES, Safety, canonical, divergences, remembered
 from .fake_mongo import MongoState, position_of
 from .fake_pds import REFUSED, PdsState, pds_handler, plc_handler
 from .fake_store import FakeStore
@@ -92,6 +92,7 @@ class Options:
     erasures: bool  # users erased by the app, in every order (app.py, `App.erase`)
     account_recheck_seconds: float
     triggers: tuple[Trigger, ...]
+    news: bool = False  # news posts too: the second record type, in the same stream
 
     @classmethod
     def draw(cls, rng: random.Random) -> Options:
@@ -173,7 +174,9 @@ _FEATURES = {
     "erasure, account deleted before": "account deleted_before",
     "erasure, session expired": "credentials session_expired",
     "erasure, no credential": "credentials neither", "operator rescue": "operator deletes",
-    "operator restore": "operator restores",
+    "operator restore": "operator restores", "news post": "app post ",
+    "news post dead": "app post dead", "news post live again": "app post live",
+    "news erased": "app erase post",
 }  # fmt: skip
 _SITE_FEATURES = {
     "recovery finished": "finish_run", "account parked": "save_parked_account",
@@ -211,6 +214,10 @@ class World:
         self.app_rng = random.Random(root.getrandbits(64))
         self.fault_rng = random.Random(root.getrandbits(64))
         self.world_rng = random.Random(root.getrandbits(64))
+        # Drawn after the others: a world without news is the one it was before news.
+        news_rng = random.Random(root.getrandbits(64))
+        if not overrides or "news" not in overrides:
+            self.options = replace(self.options, news=news_rng.random() < 0.35)
         self.clock = Clock()
         self.scheduler = Scheduler(self.clock, list(self.options.triggers))
         self.scheduler.on_step = self._on_step
@@ -224,7 +231,8 @@ class World:
         self.pds.on_change = self.safety.on_pds_change
         self.app = App(self.mongo, self.pds, self.app_rng, bad_docs=self.options.bad_docs,
                        deactivations=self.options.deactivations,
-                       erasures=self.options.erasures)  # fmt: skip
+                       erasures=self.options.erasures,
+                       news_rng=news_rng if self.options.news else None)  # fmt: skip
         self.safety.erased = self.app.erased_subs
         self.safety.accounts = self.app.dids
         self.budget = self.options.mutations
@@ -243,8 +251,9 @@ class World:
         after: dict[str, Any] | None,
     ) -> None:  # fmt: skip
         self.safety.on_mongo_write(collection, op, key, before, after)
-        if collection == "moods" and after is not None and isinstance(key, ObjectId):
-            want = desired_state(MOOD, key, after, has_account=True)
+        rtype = {t.collection: t.rtype for t in SIM_TYPES}.get(collection)
+        if rtype is not None and after is not None and isinstance(key, ObjectId):
+            want = desired_state(rtype, key, after, has_account=True)
             if want.record is not None:
                 self.history.setdefault(str(key), set()).add(canonical(want.record))
 
@@ -353,11 +362,11 @@ class World:
             for mark in ("recovery", "invalidated"):
                 if doc.get(mark):
                     out.append(f"{name} is marked {mark}")
-            last = self.mongo.last_event(collection)
+            last = max(self.mongo.last_event(c) for c in (collection, POSTS))
             if last and ("token" not in doc or position_of(doc["token"]) < last):
                 out.append(f"{name} is behind the last {collection} event ({last})")
         waiting = (State.PENDING.value, State.PARKED.value)
-        for d in self.mongo.coll("replicator_ledger").values():
+        for d in (d for t in SIM_TYPES for d in self.mongo.coll(t.ledger).values()):
             if d.get("state") in waiting and not self._refused_for_good(d):
                 out.append(f"ledger {d['_id']} {d['state']} ({d.get('reason')}, retry at "
                            f"{d.get('retry_at')}, attempts {d.get('attempts')})")  # fmt: skip
@@ -388,7 +397,8 @@ class World:
         proc = Process(self.processes, crashable=crashable)
         o = self.options
         fence = Fence(None)  # no lease document: the generation `current_generation` reads
-        store = FakeStore(self.mongo, self.scheduler, proc, fence=fence,
+        rtypes = (MOOD, NEWS) if o.news else (MOOD,)
+        store = FakeStore(self.mongo, self.scheduler, proc, fence=fence, rtypes=rtypes,
                           kill_cursor=self._kill_cursor, idle_wait=self._idle_wait)  # fmt: skip
         http = httpx.AsyncClient(
             transport=httpx.MockTransport(
