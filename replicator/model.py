@@ -1,4 +1,7 @@
-"""The values the core passes around: accounts, ledger entries, desired records, writes."""
+"""The values the core passes around: accounts, ledger entries, desired records, writes.
+
+The same for every record type: an entry or a plan knows its type by the store it comes
+from (`Store.of`), a write by the lane that sends it (`RecordType.nsid`)."""
 
 from __future__ import annotations
 
@@ -89,13 +92,6 @@ class LedgerEntry:
         """`hash`/`cid` say what the PDS holds at (did, rkey): the entry was written after
         the PDS answered (an invalid edit keeps the content it had), not before."""
         return self.state in (State.PRESENT, State.INVALID) and self.hash is not None
-
-    @property
-    def known_cid(self) -> str | None:
-        """The CID at (did, rkey) when the ledger is sure of it: the `swapRecord` to send."""
-        if self.state is State.PRESENT and self.held == ((self.did, self.rkey),):
-            return self.cid
-        return None
 
 
 @dataclass(frozen=True)
