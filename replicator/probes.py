@@ -31,6 +31,7 @@ from .lexicon import SCHEMA_NSID, LexiconError, load_lexicons, schema_record
 from .logs import redact, redact_uri
 from .pds import Pds
 from .preflight import Result
+from .recordtypes import enabled
 from .sessions import SessionPool
 from .store import Store, account_from_user, connect, mongo_problem, unreachable
 
@@ -80,7 +81,9 @@ async def run_checks(
     pds = Pds(settings.pds_url, timeout=PDS_TIMEOUT, retry_timeout=PDS_TIMEOUT,
               bypass_key=settings.rate_limit_bypass_key)  # fmt: skip
     try:
-        store = Store(client, settings.db_name, settings.names)
+        store = Store(
+            client, settings.db_name, settings.names, rtypes=enabled(settings.record_types)
+        )
         reached, answered = await check_mongo(store, settings.mongodb_uri)
         results += reached
         if answered:  # a standalone server too: what it refuses besides streams is worth seeing

@@ -4,6 +4,7 @@ and an upgrade from the release before types that re-mirrors nothing."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
 import subprocess
@@ -250,3 +251,47 @@ async def test_an_upgrade_keeps_the_ledger_and_checkpoint_and_mirrors_nothing_ag
     assert {k: (d["state"], d["rkey"], d["cid"]) for k, d in kept.items()} == {
         k: (d["state"], d["rkey"], d["cid"]) for k, d in ledger.items()
     }
+
+
+def _cli(settings: Settings, *args: str) -> tuple[int, dict[str, Any], str]:
+    env = env_for(settings, REPLICATOR_RECORD_TYPES="mood,news")
+    out = subprocess.run([sys.executable, "-m", "replicator.cli", *args], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    try:
+        payload = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    return out.returncode, payload, out.stderr
+
+
+async def test_the_operator_commands_cover_news(settings: Settings, users: Users) -> None:
+    """backfill, audit, status, dlq and check, each given `REPLICATOR_RECORD_TYPES`."""
+    alice = await users.make()
+    assert alice.did is not None
+    store: Store = users.store
+    await store.docs.insert_one({"_id": ObjectId(), "user": alice.sub, "mood": "m",
+                                 "when": WHEN})  # fmt: skip
+    bad = post(alice.sub, title="")
+    await store.of(NEWS).docs.insert_many([post(alice.sub), post(alice.sub), bad])
+    code, report, err = _cli(settings, "backfill", "--json")
+    assert code == 0, err
+    assert (report["moods"], report["written"], report["invalid"]) == (4, 3, 1), report
+    assert len(await news_of(settings.pds_url, alice.did)) == 2
+    code, report, err = _cli(settings, "audit", "--json")
+    assert code == 0 and report["in_sync_percent"] == 100.0, (report, err)
+    code, report, err = _cli(settings, "status", "--json")
+    assert code == 0, err
+    assert report["types"]["news"]["documents"] == 3 and report["types"]["mood"]["documents"] == 1
+    assert report["types"]["news"]["ledger"] == {"invalid": 1, "present": 2}
+    assert report["launch"]["records"] == 3 and report["dead_letters"]["invalid"] == 1
+    code, report, err = _cli(settings, "dlq", "list", "--json")
+    assert code == 0, err
+    assert [(e["id"], e["type"], e["reason"]) for e in report["dead_letters"]] == [
+        (str(bad["_id"]), "news", "title: empty")
+    ]
+    env = env_for(settings, REPLICATOR_RECORD_TYPES="mood,news")
+    out = subprocess.run([sys.executable, "-m", "replicator.cli", "check"], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    lines = out.stdout.splitlines()
+    for name in ("changeStream moods, news-posts", "update news-posts", "update moods"):
+        assert any(name in line for line in lines), (name, out.stdout, out.stderr)
