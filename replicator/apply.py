@@ -6,9 +6,11 @@ Documents are read directly by `_id` when an event arrives (never taken from the
 replayed or out-of-date event converges on the current state instead of an old one.
 
 A batch goes: plan every user (pure) → write the intents (one bulk write) → send each user's
-writes in its own lane, concurrently → record the outcome (one bulk write) → write the rkeys
-back → reconcile the users that need the full listing (a purge, a delete the ledger never
-knew, a record someone else changed). Decisions about a failed call are one `except` each.
+writes in its own lane, concurrently → as lanes finish, a chunk at a time: write the rkeys
+back, then record the outcome → reconcile the users that need the full listing (a purge, a
+delete the ledger never knew, a record someone else changed). One record type at a time:
+the store's view of that type (`Store.of`). Decisions about a failed call are one `except`
+each.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ class Applier:
             async with self._limiter:
                 found[account.did] = await self._listing(account, rtype)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for account in accounts:
                 tg.start_soon(one, account)
         return found
@@ -460,22 +462,25 @@ class Applier:
             await send.send((plan, result))
 
         async def lanes() -> None:
-            async with send, anyio.create_task_group() as inner:
+            async with send, task_group() as inner:
                 for plan in sending:
                     inner.start_soon(lane, plan)
 
         # What the PDS took is recorded while other lanes still wait on it: a chunk of moods
         # at a time, as their lanes finish (the MongoDB writes overlap the PDS's).
+        sent = {id(p) for p in sending}
         ready: list[tuple[UserPlan, LaneResult | None]] = [
-            (p, None) for p in live if not any(p is q for q in sending)
+            (p, None) for p in live if id(p) not in sent
         ]
-        async with task_group() as tg:
+        moods = sum(len(p.moods) for p, _ in ready)
+        async with task_group() as tg, done:
             tg.start_soon(lanes)
-            async for item in done:
-                ready.append(item)
-                if sum(len(p.moods) for p, _ in ready) >= FLUSH_MOODS:
+            async for plan, result in done:
+                ready.append((plan, result))
+                moods += len(plan.moods)
+                if moods >= FLUSH_MOODS:
                     await self._flush(record, ready, outcome)
-                    ready = []
+                    ready, moods = [], 0
             await self._flush(record, ready, outcome)
         outcome.counts["parked"] += len(record.parked)
         await self._report(view, live, before, record, outcome)

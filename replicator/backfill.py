@@ -28,6 +28,7 @@ import orjson
 from .apply import Applier, Outcome
 from .desired import valid_user
 from .store import Store, sub_hash
+from .tasks import task_group
 
 MAX_PASSES = 5
 GROUPS_IN_FLIGHT = 4
@@ -203,7 +204,7 @@ class Backfill:
                 if limit is not None and progress.moods >= limit:
                     stop_scheduling.set()
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for group in groups:
                 if stop_scheduling.is_set():
                     break

@@ -49,6 +49,7 @@ from .logs import redact_uri
 from .model import Account, LedgerEntry, Location, State
 from .recordtypes import MOOD, RecordType
 from .sessions import Session, session_from_doc, session_to_doc
+from .tasks import task_group
 
 # What the stream loop reads of a change event of a mirrored collection: which document,
 # what happened, when.
@@ -413,7 +414,7 @@ class Store:
                 query = {field: {"$in": list(chunks[i])}}
                 found[i] = [d async for d in collection.find(query, projection)]
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for i in range(len(chunks)):
                 tg.start_soon(one, i)
         return [d for part in found for d in part]

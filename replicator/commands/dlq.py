@@ -277,9 +277,9 @@ async def _settle(
     )
     if not counted:
         did = entry.did if entry is not None else None
-        kind: LetterKind = (
-            "failed" if entry is not None and entry.state is State.PARKED else ("invalid")
-        )
+        kind: LetterKind = letter_kind(letter)
+        if entry is not None and entry.state in STILL_FAILING:
+            kind = "failed" if entry.state is State.PARKED else "invalid"
         await store.dead_letter(
             ObjectId(key), letter.get("user"), did or letter.get("did"), reason, kind
         )
