@@ -284,12 +284,15 @@ async def test_the_operator_commands_cover_news(settings: Settings, users: Users
     assert report["types"]["news"]["documents"] == 3 and report["types"]["mood"]["documents"] == 1
     assert report["types"]["news"]["ledger"] == {"invalid": 1, "present": 2}
     assert report["launch"]["records"] == 3 and report["dead_letters"]["invalid"] == 1
+    env = env_for(settings, REPLICATOR_RECORD_TYPES="mood,news")
+    shown = subprocess.run([sys.executable, "-m", "replicator.cli", "status"], env=env,
+                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert "news-posts: 3 documents, 2 records, 1 dead letters" in shown.stdout, shown.stdout
     code, report, err = _cli(settings, "dlq", "list", "--json")
     assert code == 0, err
     assert [(e["id"], e["type"], e["reason"]) for e in report["dead_letters"]] == [
         (str(bad["_id"]), "news", "title: empty")
     ]
-    env = env_for(settings, REPLICATOR_RECORD_TYPES="mood,news")
     out = subprocess.run([sys.executable, "-m", "replicator.cli", "check"], env=env,
                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     lines = out.stdout.splitlines()

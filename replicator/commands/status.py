@@ -334,6 +334,13 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  dry run       shadow checkpoint saved {sc['saved_at']}")
     ledger = ", ".join(f"{k} {v}" for k, v in r["ledger"].items()) or "empty"
     lines.append(f"  ledger        {ledger}")
+    if len(r["types"]) > 1:  # each type's part of the figures
+        for name, t in r["types"].items():
+            states = ", ".join(f"{k} {v}" for k, v in t["ledger"].items()) or "empty"
+            lines.append(
+                f"    {name:<11} {t['collection']}: {t['documents']} documents, "
+                f"{t['records']} records, {t['dead_letters']['count']} dead letters; {states}"
+            )
     dl = r["dead_letters"]
     latest = dl["latest"]
     kinds = (
