@@ -669,11 +669,16 @@ class Store:
         A token the other kind of stream cannot resume from is a lost history: reconciled."""
         colls = sorted({view.collection for view in self.views})
         owners = {f"fullDocumentBeforeChange.{v.rtype.owner}": 1 for v in self.views}
-        match = {"$or": [{"ns.coll": {"$in": colls}},
-                         {"operationType": {"$in": ["dropDatabase", "invalidate"]}}]}  # fmt: skip
-        target = self.db[colls[0]] if len(colls) == 1 else self.db
+        pipeline: list[Doc] = [{"$project": {**DOC_EVENT, **owners}}]
+        target: AsyncCollection[Doc] | AsyncDatabase[Doc] = self.db[colls[0]]
+        if len(colls) > 1:
+            target = self.db
+            pipeline.insert(0, {"$match": {"$or": [
+                {"ns.coll": {"$in": colls}},
+                {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+            ]}})  # fmt: skip
         stream: AsyncChangeStream[Doc] = await target.watch(
-            [{"$match": match}, {"$project": {**DOC_EVENT, **owners}}],
+            pipeline,
             start_after=dict(token) if token else None,
             full_document_before_change="whenAvailable",
             max_await_time_ms=max_await_ms,
