@@ -166,16 +166,23 @@ class Applier:
         reads = [await view.moods_of_users(subs) for view in views]
         ledgers = [await view.ledger_of_users(subs) for view in views]
         accounts = await self.store.accounts(subs)
+        # Whether the users without an account were erased: one query each for them all
+        # (most users of a deployment may have no account), not several per user.
+        without = [s for s in subs if accounts.get(s) is None]
+        gone = await self.store.users_gone(without)
+        begun = await self.store.pending_erasures() if gone else {}
+        forgotten = await self.store.forgotten(without)
         outcome = Outcome()
         live: list[str] = []
         for sub in subs:
             outcome.snapshots[sub] = fingerprint(views, [r.get(sub, []) for r in reads])
             if accounts.get(sub) is None:
                 theirs = [ledger.get(sub, {}) for ledger in ledgers]
-                if (credentials := await self._erased(sub, theirs)) is not None:
+                credentials = await self._erased(sub, theirs, gone, begun, sub in forgotten)
+                if credentials is not None:
                     outcome.merge(await self._erase(sub, credentials, theirs))
                     continue
-                if await self.store.forgotten([sub]):
+                if sub in forgotten:
                     continue  # erased and forgotten: nothing is recorded under them
             live.append(sub)
         for view, read, ledger in zip(views, reads, ledgers, strict=True):
@@ -310,23 +317,29 @@ class Applier:
         return {u for u, document_gone in gone.items() if u in known or document_gone}, forgotten
 
     async def _erased(
-        self, sub: str, ledgers: Sequence[Mapping[ObjectId, LedgerEntry]]
+        self,
+        sub: str,
+        ledgers: Sequence[Mapping[ObjectId, LedgerEntry]],
+        gone: Mapping[str, bool],
+        pending: Mapping[str, Sequence[str]],
+        forgotten: bool,
     ) -> dict[str, str | None] | None:
         """None if the app did not erase this user (their document has `atproto`; or it has
         none and no DID of theirs was ever known; or they are forgotten already). Else their
         DIDs, the last first, each with the last password seen for it: {} when their document
-        is gone but no repo of theirs is known (what was recorded of them is forgotten)."""
-        gone = await self.store.users_gone([sub])
+        is gone but no repo of theirs is known (what was recorded of them is forgotten).
+        `gone`, `pending`, `forgotten`: as `Store.users_gone`, `pending_erasures`,
+        `forgotten` say of them."""
         if sub not in gone:
             return None
         kept = await self.store.credentials_of(sub)
-        begun = (await self.store.pending_erasures()).get(sub)
+        begun = pending.get(sub)
         entries = [e for ledger in ledgers for e in ledger.values()]
         held = (d for e in entries for d in (e.did, *(h[0] for h in e.held)))
         known = {d: kept.get(d) for d in dict.fromkeys([*kept, *held, *(begun or ())]) if d}
         if known or begun is not None:
             return known
-        if gone[sub] and (entries or not await self.store.forgotten([sub])):
+        if gone[sub] and (entries or not forgotten):
             return {}
         return None
 

@@ -287,7 +287,7 @@ def _old_erasure(monkeypatch: pytest.MonkeyPatch) -> None:
     is deleted, and their moods' entries say `absent` (no confirmation asked)."""
     from replicator import plan as plan_module
 
-    async def not_erased(self: Any, sub: str, ledger: Any) -> None:
+    async def not_erased(self: Any, sub: str, *facts: Any) -> None:
         return None
 
     real = plan_module.plan_mood
