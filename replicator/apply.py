@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,6 +42,7 @@ from .errors import (
 from .ledger import Failure, LaneResult, changed, intents_for, parked_without_sending, settle
 from .ledger import sent_key as _key
 from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
+from .outcome import Outcome
 from .pds import batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .ports import CoreStore
@@ -53,23 +53,6 @@ from .tasks import task_group
 from .writer import RepoWriter
 
 LANE_DEADLINE = 60.0
-
-
-@dataclass
-class Outcome:
-    """What an apply did, counted; `findings` are the divergences it saw (for audit/backfill)."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    findings: list[Finding] = field(default_factory=list)
-    users: set[str] = field(default_factory=set)
-    # `docs_fingerprint` of each user's documents, as a reconcile read them
-    snapshots: dict[str, str] = field(default_factory=dict)
-
-    def merge(self, other: Outcome) -> None:
-        self.counts.update(other.counts)
-        self.findings.extend(other.findings)
-        self.users |= other.users
-        self.snapshots.update(other.snapshots)
 
 
 class Applier:
@@ -219,7 +202,7 @@ class Applier:
                 reason = bad_id_reason(d["_id"], rtype)
                 if not self.dry_run:
                     await view.dead_letter(d["_id"], sub, None, reason, "invalid")
-                outcome.counts["moods"] += 1
+                outcome.counts.documents[rtype.name] += 1
                 outcome.findings.append(Finding("invalid", None, None, None, reason))
             if account is None and not self.dry_run:
                 # Letters of documents gone for good (their delete event lost, say): what may
@@ -236,8 +219,8 @@ class Applier:
             ))  # fmt: skip
             before.update(ledger)
             if remote is not None:
-                outcome.counts["records_listed"] += len(remote)
-                outcome.counts["users_with_account"] += 1
+                outcome.counts.records_listed += len(remote)
+                outcome.counts.users_with_account += 1
         if plans:
             done, _ = await self._execute(view, plans, before, sweeping=True)
             outcome.merge(done)
@@ -373,15 +356,15 @@ class Applier:
                 )  # fmt: skip
                 done, _ = await self._execute(view, [_as_erasure(plan)], ledger, sweeping=True)
                 outcome.merge(done)
-                outcome.counts["records_listed"] += len(remote or ())
-                confirmed = confirmed and remote is not None and not done.counts["parked"]
+                outcome.counts.records_listed += len(remote or ())
+                confirmed = confirmed and remote is not None and not done.counts.parked
                 theirs[i] = await view.ledger_of_user(sub)
         if self.dry_run:
             return outcome
         if not confirmed or any(e.held for ledger in theirs for e in ledger.values()):
-            outcome.counts["erasures_unfinished"] += 1
+            outcome.counts.erasures_unfinished += 1
             return outcome
-        deleted = outcome.counts["delete"] + outcome.counts["delete_orphan"]
+        deleted = outcome.counts.sent.deleted
         crashpoints.hit("forget")
         await self.store.forget_user(sub, credentials.keys(), deleted)
         for did in credentials:  # what this process holds in memory goes too
@@ -389,7 +372,7 @@ class Applier:
             self.writer.pds.budgets.forget(did)
             if self.gate is not None:
                 self.gate.forget(did)
-        outcome.counts["erasures"] += 1
+        outcome.counts.erasures += 1
         metrics.observe_erasure()
         logger.info("an erased user's records are gone ({} deleted, {} repo(s)); nothing of "
                     "them is kept but sha256(sub) {}", deleted, len(credentials),
@@ -440,7 +423,7 @@ class Applier:
                 outcome.findings.extend(mood.findings)
             outcome.findings.extend(plan.findings)
             if self.only_users is not None and plan.user not in self.only_users:
-                outcome.counts["not_enabled"] += len(plan.moods)
+                outcome.counts.not_enabled += len(plan.moods)
                 skipped += [
                     LedgerEntry(m.mood_id, plan.user, State.SKIPPED, reason=NOT_ENABLED)
                     for m in plan.moods
@@ -448,12 +431,12 @@ class Applier:
                 ]
                 continue
             live.append(plan)
-        outcome.counts["ledger_out_of_date"] += sum(
+        outcome.counts.ledger_out_of_date += sum(
             changed(before.get(m.mood_id), m.entry) for p in live for m in p.moods
         )
         if self.dry_run:
             for plan in live:
-                _count(outcome, plan, applied=False)
+                _count(outcome, plan, view.rtype, applied=False)
             metrics.observe_apply(outcome, time.monotonic() - started)
             return outcome, set()
         generation = view.fence.generation
@@ -495,7 +478,7 @@ class Applier:
                     await self._flush(record, ready, outcome)
                     ready, moods = [], 0
             await self._flush(record, ready, outcome)
-        outcome.counts["parked"] += len(record.parked)
+        outcome.counts.parked += len(record.parked)
         await self._report(view, live, before, record, outcome)
         metrics.observe_apply(outcome, time.monotonic() - started)
         return outcome, record.again
@@ -691,7 +674,7 @@ class Applier:
             did = plan.account.did if plan.account else None
             letters.append((mood_id, plan.user, did, reason, "failed"))
             logger.bind(mood_id=str(mood_id), did=did).error("{}", reason)
-            outcome.counts["write_back_failed"] += 1
+            outcome.counts.write_back_failed += 1
         fixed = []
         for mood_id, entry in by_id.items():
             prior = before.get(mood_id)
@@ -780,7 +763,7 @@ class _Record:
             if mood.writeback:
                 writebacks[mood.mood_id] = mood.writeback
             done.append(mood)
-        _count(outcome, replace(plan, moods=done), applied=True)
+        _count(outcome, replace(plan, moods=done), self.view.rtype, applied=True)
         return entries, writebacks
 
 
@@ -803,21 +786,22 @@ def _refuse(result: LaneResult, write: Write, exc: Exception) -> None:
         logger.bind(did=write.did).warning("PDS refused deleting orphan {}: {}", write.rkey, exc)
 
 
-def _count(outcome: Outcome, plan: UserPlan, *, applied: bool) -> None:
-    prefix = "" if applied else "would_"
+def _count(outcome: Outcome, plan: UserPlan, rtype: RecordType, *, applied: bool) -> None:
+    c = outcome.counts
+    writes = c.sent if applied else c.would
     for mood in plan.moods:
-        # A mood is a document: an entry whose document is gone is not one any more.
-        outcome.counts["moods"] += mood.desired.reason != DOCUMENT_DELETED
-        outcome.counts[f"mood_{mood.desired.state.value}"] += 1
-        outcome.counts["adopted"] += mood.adopted
+        # A document is one that exists: an entry whose document is gone is not one any more.
+        c.documents[rtype.name] += mood.desired.reason != DOCUMENT_DELETED
+        c.desired[mood.desired.state] += 1
+        c.adopted += mood.adopted
         puts = [w for w in mood.writes if w.action == "put"]
-        outcome.counts[f"{prefix}put"] += len(puts)
-        outcome.counts[f"{prefix}updated"] += sum(1 for w in puts if w.exists is not False)
-        outcome.counts[f"{prefix}created"] += sum(1 for w in puts if w.exists is False)
-        outcome.counts[f"{prefix}delete"] += sum(1 for w in mood.writes if w.action == "delete")
+        writes.put += len(puts)
+        writes.updated += sum(1 for w in puts if w.exists is not False)
+        writes.created += sum(1 for w in puts if w.exists is False)
+        writes.delete += sum(1 for w in mood.writes if w.action == "delete")
         if not mood.writes:
-            outcome.counts[f"unchanged_{mood.entry.state.value}"] += 1
-    outcome.counts[f"{prefix}delete_orphan"] += len(plan.sweep)
+            c.unchanged[mood.entry.state] += 1
+    writes.delete_orphan += len(plan.sweep)
 
 
 def fingerprint(views: Sequence[CoreStore], docs: Sequence[Sequence[Mapping[str, Any]]]) -> str:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .apply import Applier, Outcome
+from .apply import Applier
 from .backfill import reconcile_until_stable
+from .model import State
+from .outcome import Counts, Outcome
 from .plan import Finding
 from .store import Store
 
@@ -38,7 +40,7 @@ class AuditReport:
     def divergences(self) -> Counter[str]:
         kinds: Counter[str] = Counter(f.kind for f in self.outcome.findings)
         found: Counter[str] = Counter({k: kinds[k] for k in DIVERGENCES})
-        found["ledger_out_of_date"] = self.outcome.counts["ledger_out_of_date"]
+        found["ledger_out_of_date"] = self.outcome.counts.ledger_out_of_date
         return found
 
     @property
@@ -47,7 +49,7 @@ class AuditReport:
 
     def summary(self, *, examples: int = 20) -> dict[str, Any]:
         c = self.outcome.counts
-        should_exist = c["mood_present"]
+        should_exist = c.desired[State.PRESENT]
         broken = {
             f.mood_id for f in self.outcome.findings
             if f.kind in ("missing", "mismatch", "duplicate") and f.mood_id is not None
@@ -57,14 +59,15 @@ class AuditReport:
         out: dict[str, Any] = {
             "in_sync": self.in_sync,
             "users": self.users,
-            "users_with_account": c["users_with_account"],
-            "moods": c["moods"] + self.moods_without_user,
-            "records": c["records_listed"],
+            "users_with_account": c.users_with_account,
+            "moods": c.total + self.moods_without_user,
+            **({"by_type": dict(c.documents)} if len(c.documents) > 1 else {}),
+            "records": c.records_listed,
             "in_sync_percent": round(100.0 * in_sync / should_exist, 2) if should_exist else 100.0,
             "divergences": dict(self.divergences),
             "invalid": len(invalid) + self.invalid_without_user,
             "invalid_reasons": dict(Counter(f.detail for f in invalid)),
-            "no_account": c["mood_skipped"],
+            "no_account": c.desired[State.SKIPPED],
             "dead_letters": self.dead_letters,
             "diverged_users": self.diverged_users[:examples],
             "examples": [_finding(f) for f in self.outcome.findings
@@ -97,7 +100,7 @@ async def audit_users(
         report.outcome.merge(outcome)
         if (
             any(f.kind in DIVERGENCES for f in outcome.findings)
-            or outcome.counts["ledger_out_of_date"]
+            or outcome.counts.ledger_out_of_date
         ):
             report.diverged_users.append(sub)
     report.dead_letters = sum([await view.dead_letter_count() for view in store.views])
@@ -118,12 +121,13 @@ async def audit(
     if not fix or report.in_sync:
         return report
     before = report.summary()
-    repairs: Counter[str] = Counter()
+    done = Counts()
     for sub in report.diverged_users:
-        outcome = await reconcile_until_stable(live, [sub], fix=True)
-        for key in ("put", "delete", "delete_orphan", "adopted", "parked"):
-            repairs[key] += outcome.counts[key]
-    metrics.observe_repairs(repairs)
+        done.add((await reconcile_until_stable(live, [sub], fix=True)).counts)
+    metrics.observe_repairs(done.sent)
+    repairs = Counter({"put": done.sent.put, "delete": done.sent.delete,
+                       "delete_orphan": done.sent.delete_orphan, "adopted": done.adopted,
+                       "parked": done.parked})  # fmt: skip
     await metrics.flush_stats(store)  # launch figures: `status` shows the repairs made
     after = await audit_users(store, dry, users, whole=whole)
     after.fixed, after.repairs, after.before_fix = True, repairs, before

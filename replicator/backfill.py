@@ -25,8 +25,10 @@ from typing import Any
 import anyio
 import orjson
 
-from .apply import Applier, Outcome
+from .apply import Applier
 from .desired import valid_user
+from .model import State
+from .outcome import Counts, Outcome
 from .store import Store, sub_hash
 from .tasks import task_group
 
@@ -39,9 +41,17 @@ RUN_ID = "backfill"
 class Progress:
     total_users: int
     done_users: int = 0
-    moods: int = 0
     started: float = field(default_factory=time.monotonic)
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counts = field(default_factory=Counts)
+
+    @property
+    def moods(self) -> int:
+        """Documents (of every type) done so far."""
+        return self.counts.total
+
+    @property
+    def written(self) -> int:
+        return self.counts.sent.put + self.counts.would.put
 
     @property
     def eta_seconds(self) -> float | None:
@@ -73,29 +83,30 @@ class Report:
                 reasons["invalid"][f.detail or "?"] += 1
             elif f.kind == "parked":
                 reasons["failed"][f.detail or "?"] += 1
-        prefix = "would_" if self.dry_run else ""
+        writes = c.would if self.dry_run else c.sent
         return {
             "dry_run": self.dry_run,
             "interrupted": self.interrupted,
             "users": self.users,
             "users_already_done": self.skipped_users_done_before,
-            "moods": c["moods"],
-            "written": c[f"{prefix}put"],
-            "deleted": c[f"{prefix}delete"] + c[f"{prefix}delete_orphan"],
-            "adopted": c["adopted"],
-            "unchanged": c["unchanged_present"],
+            "moods": c.total,
+            **({"by_type": dict(c.documents)} if len(c.documents) > 1 else {}),
+            "written": writes.put,
+            "deleted": writes.deleted,
+            "adopted": c.adopted,
+            "unchanged": c.unchanged[State.PRESENT],
             "no_account": sum(reasons["skipped"].values()),
             "no_account_reasons": dict(reasons["skipped"]),
             "invalid": sum(reasons["invalid"].values()),
             "invalid_reasons": dict(reasons["invalid"]),
             "failed": sum(reasons["failed"].values()),
             "failed_reasons": dict(reasons["failed"]),
-            "erased_users": c["erasures"],
+            "erased_users": c.erasures,
             "duplicates": kinds["duplicate"],
             "orphans": kinds["orphan"],
-            "records_listed": c["records_listed"],
+            "records_listed": c.records_listed,
             "seconds": round(self.seconds, 3),
-            "moods_per_second": round(c["moods"] / self.seconds, 1) if self.seconds else None,
+            "moods_per_second": round(c.total / self.seconds, 1) if self.seconds else None,
         }
 
 
@@ -197,8 +208,7 @@ class Backfill:
                 if not self.applier.dry_run:
                     await self.store.user_done(run_id, group)
                 progress.done_users += len(group)
-                progress.moods += outcome.counts["moods"]
-                progress.counts.update(outcome.counts)
+                progress.counts.add(outcome.counts)
                 if self.on_progress:
                     self.on_progress(progress)
                 if limit is not None and progress.moods >= limit:

@@ -30,9 +30,10 @@ from prometheus_client import (
 from prometheus_client.process_collector import ProcessCollector
 
 from .logs import redact
+from .model import State
+from .outcome import Counts, Outcome, Writes
 
 if TYPE_CHECKING:  # the core imports this module: no runtime import back into it
-    from .apply import Outcome
     from .pds import XrpcError
     from .store import Store
 
@@ -165,23 +166,19 @@ FAILED_OUTCOMES = ("failed", "invalid")
 SYNCED_OUTCOMES = ("ok",)
 
 
-def event_labels(key: str) -> tuple[str, str] | None:
-    """`Outcome.counts` key → (operation, outcome); None for keys that describe rather than
-    count what happened (`moods`, `mood_present`, `records_listed`, ...)."""
-    if key in ("put", "delete", "delete_orphan"):
-        return key, "ok"
-    if key in ("would_put", "would_delete", "would_delete_orphan"):
-        return key.removeprefix("would_"), "dry_run"
-    if key == "parked":
-        return "write", "failed"
-    if key == "not_enabled":
-        return "none", "not_enabled"
-    if key.startswith("unchanged_"):
-        state = key.removeprefix("unchanged_")
-        # `parked` with no write: the account is gone from the PDS, its puts cannot be done.
-        outcome = {"present": "unchanged", "absent": "unchanged", "parked": "failed"}
-        return "none", outcome.get(state, state)
-    return None
+# A document with nothing to write, by its entry's state → the outcome label. `parked` with
+# no write: the account is gone from the PDS, its puts cannot be done.
+_UNCHANGED = {State.PRESENT: "unchanged", State.ABSENT: "unchanged", State.PARKED: "failed"}
+
+
+def events(counts: Counts) -> list[tuple[str, str, int]]:
+    """(operation, outcome, n) of what an apply did, from the small fixed label set; what
+    describes rather than counts (documents, records listed...) is no event."""
+    out = [(op, "ok", getattr(counts.sent, op)) for op in REPAIR_OPERATIONS]
+    out += [(op, "dry_run", getattr(counts.would, op)) for op in REPAIR_OPERATIONS]
+    out += [("write", "failed", counts.parked), ("none", "not_enabled", counts.not_enabled)]
+    out += [("none", _UNCHANGED.get(s, s.value), n) for s, n in counts.unchanged.items()]
+    return [(op, result, n) for op, result, n in out if n > 0]
 
 
 # -- what the core calls ----------------------------------------------------------------------
@@ -209,13 +206,7 @@ def observe_apply(outcome: Outcome, seconds: float) -> None:
     """After one user's moods were planned and applied (every path: events, parked retries,
     backfill, recovery)."""
     APPLY_SECONDS.observe(seconds)
-    for key, n in outcome.counts.items():
-        if n <= 0:
-            continue
-        labels = event_labels(key)
-        if labels is None:
-            continue
-        operation, result = labels
+    for operation, result, n in events(outcome.counts):
         EVENTS.labels(operation, result).inc(n)
         _pending.events[f"{operation}:{result}"] += n
 
@@ -254,11 +245,11 @@ def observe_retry(exc: XrpcError) -> None:
     note_error(str(exc))
 
 
-def observe_repairs(counts: Mapping[str, int]) -> None:
-    """For `audit --fix`: the writes (`put`, `delete`, `delete_orphan` counts) that repaired
-    divergences. Kept apart from a backfill's writes, which are the first mirror, not repairs."""
+def observe_repairs(writes: Writes) -> None:
+    """For `audit --fix`: the writes that repaired divergences. Kept apart from a backfill's
+    writes, which are the first mirror, not repairs."""
     for key in REPAIR_OPERATIONS:
-        n = int(counts.get(key, 0))
+        n = int(getattr(writes, key))
         if n > 0:
             REPAIRS.labels(key).inc(n)
             _pending.repairs[key] += n

@@ -39,10 +39,12 @@ from loguru import logger
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import crashpoints
-from .apply import Applier, Outcome
+from .apply import Applier
 from .backfill import Backfill
 from .desired import bad_id_reason, valid_user
 from .lease import Fenced, Lease
+from .model import State
+from .outcome import Counts, Outcome
 from .ports import ChangeStream, CoreStore
 from .recordtypes import MOOD
 from .store import Doc
@@ -455,7 +457,8 @@ class Replicator:
             done = Outcome()
             for name, some in ids.items():  # one type after another: no two lanes of a user
                 done.merge(await self.applier.apply_ids(some, owners, views[name].rtype))
-            _log_batch(changes, done.counts, self.oldest_unapplied_at)
+            _log_batch(changes, done.counts, self.oldest_unapplied_at,
+                       dry_run=self.applier.dry_run)  # fmt: skip
         self.events_applied += len(batch) if end is None else batch.index(end)
         seconds = [s for s in map(cluster_seconds, batch) if s is not None]
         if seconds:
@@ -587,21 +590,22 @@ class Replicator:
             self._users_saved, self._users_saved_at = dict(token), now
 
 
-def _log_batch(changes: int, counts: Mapping[str, int], oldest: float | None) -> None:
-    """One INFO line a batch: what reached the PDS, and how far behind MongoDB it was."""
+def _log_batch(changes: int, counts: Counts, oldest: float | None, *, dry_run: bool) -> None:
+    """One INFO line a batch: what reached the PDS (or, dry, would have), and how far behind
+    MongoDB it was."""
     lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
     trouble = "".join(
-        f", {counts[k]} {word}" for k, word in (("parked", "parked"), ("mood_invalid", "invalid"))
-        if counts.get(k)
+        f", {n} {word}" for n, word in ((counts.parked, "parked"),
+                                        (counts.desired[State.INVALID], "invalid")) if n
     )  # fmt: skip
-    created, updated = counts.get("created", 0), counts.get("updated", 0)
-    deleted = counts.get("delete", 0) + counts.get("delete_orphan", 0)
+    writes = counts.would if dry_run else counts.sent
     # A batch that asked the PDS for nothing (the echo of our own rkey write-back, an edit of
     # a field the record does not carry) is not news at INFO.
-    level = "INFO" if created or updated or deleted or trouble else "DEBUG"
+    level = "INFO" if writes.created or writes.updated or writes.deleted or trouble else "DEBUG"
     logger.log(
-        level, "applied {} change{}: {} created, {} updated, {} deleted{}; lag {:.1f}s",
-        changes, "" if changes == 1 else "s", created, updated, deleted, trouble, lag,
+        level, "applied {} change{}{}: {} created, {} updated, {} deleted{}; lag {:.1f}s",
+        changes, "" if changes == 1 else "s", " (dry run: would have)" if dry_run else "",
+        writes.created, writes.updated, writes.deleted, trouble, lag,
     )  # fmt: skip
 
 

@@ -79,7 +79,7 @@ async def test_a_failed_write_back_is_dead_lettered_and_the_others_go_on(
     locked = await insert_mood(rt.store, who.sub, "locked", when=WHEN)
     free = await insert_mood(rt.store, who.sub, "free", when=WHEN)
     outcome = await rt.applier.apply_ids([locked, free])
-    assert outcome.counts["write_back_failed"] == 1
+    assert outcome.counts.write_back_failed == 1
     letter = await rt.store.dead_letters.find_one({"_id": str(locked)})
     assert letter is not None
     assert letter["reason"].startswith("write-back of atproto.rkey failed")

@@ -384,7 +384,7 @@ async def test_backfill_reports_an_id_that_is_not_an_objectid_and_mirrors_the_re
         {"_id": ids[1], "user": user.sub, "mood": "two", "when": WHEN},
     ])  # fmt: skip
     outcome = await rt.applier.reconcile_user(user.sub)
-    assert outcome.counts["put"] == 2
+    assert outcome.counts.sent.put == 2
     have = await records(rt.settings.pds_url, user.did)
     assert sorted(v["ref"] for v in have.values()) == sorted(str(i) for i in ids)
     letter = await rt.store.dead_letters.find_one({"_id": "'legacy-7'"})

@@ -10,31 +10,32 @@ from typing import Any
 import pytest
 
 from replicator import health, metrics
-from replicator.apply import Outcome
 from replicator.commands.status import render
+from replicator.model import State
+from replicator.outcome import Counts, Outcome, Writes
 from replicator.rollout import split_users
 
 
 @pytest.mark.parametrize(
-    ("key", "labels"),
+    ("counts", "labels"),
     [
-        ("put", ("put", "ok")),
-        ("delete_orphan", ("delete_orphan", "ok")),
-        ("would_put", ("put", "dry_run")),
-        ("parked", ("write", "failed")),
-        ("unchanged_parked", ("none", "failed")),
-        ("unchanged_invalid", ("none", "invalid")),
-        ("unchanged_present", ("none", "unchanged")),
-        ("unchanged_skipped", ("none", "skipped")),
-        ("not_enabled", ("none", "not_enabled")),
-        ("mood_present", None),  # descriptive counts are not events
-        ("records_listed", None),
+        (Counts(sent=Writes(put=1)), ("put", "ok")),
+        (Counts(sent=Writes(delete_orphan=1)), ("delete_orphan", "ok")),
+        (Counts(would=Writes(put=1)), ("put", "dry_run")),
+        (Counts(parked=1), ("write", "failed")),
+        (Counts(unchanged=Counter({State.PARKED: 1})), ("none", "failed")),
+        (Counts(unchanged=Counter({State.INVALID: 1})), ("none", "invalid")),
+        (Counts(unchanged=Counter({State.PRESENT: 1})), ("none", "unchanged")),
+        (Counts(unchanged=Counter({State.SKIPPED: 1})), ("none", "skipped")),
+        (Counts(not_enabled=1), ("none", "not_enabled")),
+        (Counts(desired=Counter({State.PRESENT: 1})), None),  # descriptive: not events
+        (Counts(records_listed=1), None),
     ],
 )
 def test_outcome_counts_map_to_a_small_fixed_label_set(
-    key: str, labels: tuple[str, str] | None
+    counts: Counts, labels: tuple[str, str] | None
 ) -> None:
-    assert metrics.event_labels(key) == labels
+    assert metrics.events(counts) == ([(*labels, 1)] if labels else [])
 
 
 def test_quantile_interpolates_like_histogram_quantile() -> None:
@@ -80,7 +81,8 @@ class RecordingState:
 async def test_stats_deltas_survive_a_failed_flush() -> None:
     names = SimpleNamespace(moods="moods")
     metrics.discard_pending()
-    metrics.observe_apply(Outcome(counts=Counter({"put": 2, "parked": 1, "moods": 3})), 0.01)
+    counts = Counts(sent=Writes(put=2), parked=1, documents=Counter({"mood": 3}))
+    metrics.observe_apply(Outcome(counts=counts), 0.01)
     metrics.observe_batch(2, time.time() - 1.5)
     with pytest.raises(RuntimeError):
         await metrics.flush_stats(SimpleNamespace(state=FailingState(), names=names), live={})  # type: ignore[arg-type]
@@ -195,7 +197,7 @@ def test_status_text_names_every_section() -> None:
 @pytest.mark.anyio
 async def test_repairs_from_a_command_are_flushed_without_a_live_view() -> None:
     metrics.discard_pending()
-    metrics.observe_repairs({"put": 2, "delete": 0, "delete_orphan": 1, "moods": 9})
+    metrics.observe_repairs(Writes(put=2, delete=0, delete_orphan=1))
     state = RecordingState()
     await metrics.flush_stats(SimpleNamespace(state=state, names=SimpleNamespace(moods="m")))  # type: ignore[arg-type]
     ((_query, update),) = state.calls

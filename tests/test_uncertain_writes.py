@@ -91,7 +91,7 @@ async def test_intents_a_crash_left_reach_the_real_pds(rt: Runtime, users: Users
         for i in (live, gone)
     ])  # fmt: skip
     outcome = await rt.applier.apply_ids([live, gone])
-    assert outcome.counts["parked"] == 0
+    assert outcome.counts.parked == 0
     ledger = await rt.store.ledger_by_id([live, gone])
     assert (ledger[live].state, ledger[gone].state) == (State.PRESENT, State.ABSENT)
     assert list(await records(rt.settings.pds_url, who.did)) == [tid.from_object_id(live)]

@@ -40,8 +40,7 @@ def progress_reporter(
             task = bar.add_task(label, total=total, moods=0, written=0)
 
             def update(p: Progress) -> None:
-                written = p.counts["put"] + p.counts["would_put"]
-                bar.update(task, completed=p.done_users, moods=p.moods, written=written)
+                bar.update(task, completed=p.done_users, moods=p.moods, written=p.written)
 
             yield update
         return
@@ -55,8 +54,7 @@ def progress_reporter(
         eta = p.eta_seconds
         click.echo(
             f"{label}: {p.done_users}/{p.total_users} users, {p.moods} moods, "
-            f"{p.counts['put'] + p.counts['would_put']} written"
-            + (f", ETA {eta:.0f}s" if eta is not None else ""),
+            f"{p.written} written" + (f", ETA {eta:.0f}s" if eta is not None else ""),
             err=True,
         )
 

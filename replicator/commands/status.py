@@ -334,7 +334,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  dry run       shadow checkpoint saved {sc['saved_at']}")
     ledger = ", ".join(f"{k} {v}" for k, v in r["ledger"].items()) or "empty"
     lines.append(f"  ledger        {ledger}")
-    if len(r["types"]) > 1:  # each type's part of the figures
+    if len(r.get("types") or {}) > 1:  # each type's part of the figures
         for name, t in r["types"].items():
             states = ", ".join(f"{k} {v}" for k, v in t["ledger"].items()) or "empty"
             lines.append(
