@@ -13,17 +13,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY lexicons ./lexicons
+# The shipped package alone (its lexicons are package data): replicator_dev/ (the local
+# stack, the bench) is not copied, so neither the wheel nor the image carries it.
 COPY replicator ./replicator
-# Editable on purpose: the package validates records against lexicons/ beside it
-# (replicator/lexicon.py, LEXICON_DIR), which a plain wheel install would leave behind.
-RUN pip install -e .
+RUN pip install .
 
 # -- runtime: the sidecar -----------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin replicator
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     REPLICATOR_HTTP_ADDR=0.0.0.0:9464 REPLICATOR_LOG_FORMAT=json
@@ -42,16 +40,18 @@ FROM build AS devpds-build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ make \
     && rm -rf /var/lib/apt/lists/*
-# `replicator setup`: npm ci from the committed lockfile, better-sqlite3 compiled for Node 22.
+# The working copy's dev package on top (this stage only), then `replicator setup`: npm ci
+# from the committed lockfile, better-sqlite3 compiled for Node 22.
+COPY replicator_dev ./replicator_dev
 RUN pip install -e '.[stack]' && replicator setup
 
 FROM ${PYTHON_IMAGE} AS devpds
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pds
 COPY --from=devpds-build /opt/venv /opt/venv
 COPY --from=devpds-build /app /app
-WORKDIR /app/replicator/devstack/pds
+WORKDIR /app/replicator_dev/devstack/pds
 ENV PATH=/opt/venv/bin:$PATH PDS_PORT=2583 PLC_PORT=2582 LOG_ENABLED=false \
     NODE_ENV=development
 USER 10001
 EXPOSE 2583
-CMD ["python", "-c", "import os, replicator.devstack.node as n; node = str(n.node_binary()); os.execv(node, [node, str(n.PDS_DIR / 'pds.mjs')])"]
+CMD ["python", "-c", "import os, replicator_dev.devstack.node as n; node = str(n.node_binary()); os.execv(node, [node, str(n.PDS_DIR / 'pds.mjs')])"]

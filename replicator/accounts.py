@@ -179,9 +179,3 @@ class AccountGate:
             # AccountGone) or a `users` document with an account again (`blocked`) end it.
             return False
         return bool(status.get("active"))
-
-    async def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for p in (await self._all()).values():
-            out[p.reason] = out.get(p.reason, 0) + 1
-        return out

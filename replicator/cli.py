@@ -10,16 +10,13 @@ the README lists each command's exit codes.
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 import anyio
 import click
-from loguru import logger
 
 from . import health, logs
 from .commands.backfill import audit_command, backfill
@@ -29,18 +26,11 @@ from .commands.dlq import dlq
 from .commands.errors import Group
 from .commands.lexicon import lexicon
 from .commands.status import status
-from .config import Settings
 from .errors import ConfigError
-from .lease import Fenced
 from .rollout import split_users
-from .runtime import open_runtime
-from .stream import HistoryLost, StreamInvalidated
+from .service import run_replicator
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_HISTORY_LOST = 3
-EXIT_INVALIDATED = 4
-EXIT_LEASE_LOST = 5
 
 
 @click.group(
@@ -68,10 +58,6 @@ main.add_command(audit_command)
 main.add_command(status)
 main.add_command(dlq)
 main.add_command(check)
-
-from .commands.bench import bench  # noqa: E402  (lean: the bench loads its modules when run)
-
-main.add_command(bench)
 
 
 def run_options(fn: F) -> F:
@@ -156,105 +142,21 @@ def run(**kw: Any) -> None:
     sys.exit(anyio.run(functools.partial(run_replicator, settings)))
 
 
-async def run_replicator(settings: Settings, ready: Callable[[], None] | None = None) -> int:
-    stop = anyio.Event()
-    # Signals are ours from the first line: a Ctrl-C while the runtime is still opening must
-    # stop it too, not fall to asyncio's default handler.
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with anyio.create_task_group() as tg:
-
-            async def on_signals() -> None:
-                async for signum in signals:
-                    logger.info("{}: finishing the batch in flight, then exiting",
-                                signal.Signals(signum).name)  # fmt: skip
-                    stop.set()
-                    return
-
-            tg.start_soon(on_signals)
-            code = await _run(settings, stop, ready)
-            tg.cancel_scope.cancel()
-    return code
-
-
-async def _run(settings: Settings, stop: anyio.Event, ready: Callable[[], None] | None) -> int:
-    logger.info(
-        "replicator starting: mongodb={} db={} pds={}",
-        logs.redact_uri(settings.mongodb_uri), settings.db_name, settings.pds_url,
-    )  # fmt: skip
-    async with open_runtime(settings, lease=True) as rt, anyio.create_task_group() as tg:
-        replicator = rt.replicator()
-        await tg.start(health.serve, rt, replicator)  # /metrics /healthz /readyz, stats
-        code = 0
+def _plugins() -> None:
+    """The commands a working copy adds (`dev`, `setup`, `bench`: `replicator_dev`, declared
+    under the `replicator.commands` entry points). The production image does not carry them:
+    there they are absent, and `replicator` is the sidecar and the operator commands alone."""
+    for ep in entry_points(group="replicator.commands"):
         try:
-            with anyio.CancelScope() as scope:
-
-                async def grace() -> None:
-                    await stop.wait()
-                    await anyio.sleep(settings.shutdown_grace)
-                    logger.warning("in-flight work abandoned after {}s; it will be replayed",
-                                   settings.shutdown_grace)  # fmt: skip
-                    scope.cancel()
-
-                tg.start_soon(grace)
-                if ready:
-                    ready()
-                await replicator.run(stop)
-        except HistoryLost:
-            code = EXIT_HISTORY_LOST
-        except StreamInvalidated as exc:
-            logger.critical("{}; not resuming. Check the collection, then `replicator run`.", exc)
-            code = EXIT_INVALIDATED
-        except Fenced:
-            code = EXIT_LEASE_LOST
-        _exit_within(settings.shutdown_grace + 5.0, code)
-        tg.cancel_scope.cancel()
-    logger.info("replicator stopped ({} events applied)", replicator.events_applied)
-    return code
+            command = ep.load()
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != ep.module.split(".")[0]:
+                raise  # the plugin is there but broken: say so
+            continue  # declared, not installed here
+        main.add_command(command, ep.name)
 
 
-def _exit_within(seconds: float, code: int) -> None:
-    """If closing the clients hangs (a PyMongo async client whose operations were cancelled
-    can, on Python 3.11: tests/test_fencing.py), exit anyway: the supervisor restarts us."""
-
-    def hard_exit() -> None:
-        logger.error("shutdown did not finish within {:.0f}s; exiting", seconds)
-        os._exit(code)
-
-    timer = threading.Timer(seconds, hard_exit)
-    timer.daemon = True
-    timer.start()
-
-
-@main.command()
-def setup() -> None:
-    """Install the local stack's reference PDS (npm ci with Node 22 from the venv)."""
-    from .devstack.node import ensure_pds_installed, pds_installed
-
-    if pds_installed():
-        click.echo("reference PDS already installed")
-        return
-    ensure_pds_installed()
-    click.echo("reference PDS installed")
-
-
-@main.command()
-@click.option(
-    "--db",
-    "db_name",
-    default="aesthetic_dev",
-    show_default=True,
-    help="Database for the demo (reset at start: the local PDS starts empty).",
-)
-@click.option("--no-run", is_flag=True, help="Start and seed the stack, but not the replicator.")
-def dev(db_name: str, no_run: bool) -> None:
-    """Start the local stack (MongoDB + reference PDS), seed a demo user, run the replicator.
-
-    Uses MONGODB_CONNECTION_STRING / PDS_URL when set, embedded servers otherwise (data and
-    logs under ./.state). Ctrl-C stops everything.
-    """  # fmt: skip
-    from .devstack.dev import run_dev
-
-    sys.exit(run_dev(db_name, run_replicator_too=not no_run))
+_plugins()
 
 
 if __name__ == "__main__":  # pragma: no cover

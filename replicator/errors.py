@@ -145,8 +145,3 @@ def classify(
     else:
         kind = Rejected
     return kind(nsid, status, error, message, retry_after)
-
-
-def account_status_reason(status: str | None) -> str:
-    """`getRepoStatus`'s `status` as a park reason."""
-    return f"account {status or 'inactive'} on the PDS"

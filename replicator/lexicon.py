@@ -58,9 +58,9 @@ MOOD_NSID = "computer.aesthetic.mood"
 # How a lexicon is published: a record of this type in its authority's repo, rkey = its NSID.
 SCHEMA_NSID = "com.atproto.lexicon.schema"
 
-# The lexicons live beside the package rather than inside it: they are the protocol
-# contract, published and reviewed on their own, not an implementation detail.
-LEXICON_DIR = Path(__file__).resolve().parent.parent / "lexicons"
+# Package data (the image carries them with the code that validates against them); the
+# repository's top-level `lexicons/` is a link here: the protocol contract, reviewed on its own.
+LEXICON_DIR = Path(__file__).resolve().parent / "lexicons"
 
 _JSON_TYPE_NAMES = {
     "NoneType": "null",

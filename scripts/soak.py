@@ -60,12 +60,12 @@ from pymongo import AsyncMongoClient, CursorType, MongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from replicator.devstack.observe import listed_records
-from replicator.devstack.procs import Child, free_port
-from replicator.devstack.seed import SeededUser, seed_user
-from replicator.devstack.servers import EmbeddedMongo, LocalPDS
 from replicator.model import State
 from replicator.store import Names, Store
+from replicator_dev.devstack.observe import listed_records
+from replicator_dev.devstack.procs import Child, free_port
+from replicator_dev.devstack.seed import SeededUser, seed_user
+from replicator_dev.devstack.servers import EmbeddedMongo, LocalPDS
 
 Doc = dict[str, Any]
 T = TypeVar("T")

@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from replicator.config import Settings
-from replicator.devstack.faults import FaultTransport
-from replicator.devstack.seed import SeededUser, seed_user
-from replicator.devstack.stack import LocalStack
 from replicator.identity import PUBLIC_PLC
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store, connect
+from replicator_dev.devstack.faults import FaultTransport
+from replicator_dev.devstack.seed import SeededUser, seed_user
+from replicator_dev.devstack.stack import LocalStack
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,13 @@ import anyio
 import httpx
 
 from replicator.desired import desired_state
-from replicator.devstack.observe import listed_records
 from replicator.lexicon import LEXICON_DIR
 from replicator.model import State
 from replicator.recordtypes import MOOD
 from replicator.runtime import Runtime
 from replicator.store import Store
 from replicator.stream import OpenStream, Replicator
+from replicator_dev.devstack.observe import listed_records
 
 
 async def eventually(

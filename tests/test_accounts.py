@@ -28,11 +28,11 @@ import pytest
 from bson import ObjectId
 
 from replicator.config import Settings
-from replicator.devstack.faults import FaultTransport, nsid_of, repo_of
-from replicator.devstack.seed import SeededUser, create_account, insert_mood
-from replicator.devstack.stack import LocalStack
 from replicator.model import LedgerEntry, State
 from replicator.runtime import Runtime, open_runtime
+from replicator_dev.devstack.faults import FaultTransport, nsid_of, repo_of
+from replicator_dev.devstack.seed import SeededUser, create_account, insert_mood
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for, with_settings
 from .harness import clean, diff, eventually, records, running

@@ -11,11 +11,11 @@ import orjson
 import pytest
 from pymongo import ReadPreference
 
-from replicator.devstack.faults import FaultTransport, nsid_of, repo_of
-from replicator.devstack.seed import insert_mood
 from replicator.model import State
 from replicator.runtime import Runtime
 from replicator.store import Names, Store, connect
+from replicator_dev.devstack.faults import FaultTransport, nsid_of, repo_of
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users
 from .harness import records

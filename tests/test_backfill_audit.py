@@ -15,8 +15,8 @@ import pytest
 from bson import ObjectId
 
 from replicator.config import Settings
-from replicator.devstack.seed import SeededUser
 from replicator.runtime import Runtime
+from replicator_dev.devstack.seed import SeededUser
 
 from .conftest import Users, env_for
 from .harness import clean, diff, records

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from replicator.bench.pds_capacity import replay_order
-from replicator.bench.shape import Call, in_flight, summarize
 from replicator.cli import main
-from replicator.devstack.stack import LocalStack
+from replicator_dev.bench.pds_capacity import replay_order
+from replicator_dev.bench.shape import Call, in_flight, summarize
+from replicator_dev.devstack.stack import LocalStack
 
 RATIOS = {
     "burst/a_single", "burst/a_burst_shape", "purge/a_apply_writes",

@@ -23,14 +23,14 @@ from pymongo.errors import OperationFailure
 
 from replicator.commands.lexicon import publish_lexicons
 from replicator.config import Settings
-from replicator.devstack.procs import free_port
-from replicator.devstack.seed import create_account
-from replicator.devstack.servers import EmbeddedMongo
-from replicator.devstack.stack import LocalStack
 from replicator.lexicon import load_lexicons
 from replicator.pds import Pds
 from replicator.runtime import Runtime
 from replicator.store import Store
+from replicator_dev.devstack.procs import free_port
+from replicator_dev.devstack.seed import create_account
+from replicator_dev.devstack.servers import EmbeddedMongo
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for
 from .harness import changed_lexicons

@@ -37,15 +37,15 @@ from bson import ObjectId
 from replicator import tid
 from replicator.config import Settings
 from replicator.desired import desired_state
-from replicator.devstack.seed import SeededUser, insert_mood
-from replicator.devstack.servers import EmbeddedMongo
-from replicator.devstack.stack import LocalStack
 from replicator.ledger import intents_for
 from replicator.model import State
 from replicator.plan import plan_user
 from replicator.recordtypes import MOOD as MOOD_TYPE
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store, sub_hash
+from replicator_dev.devstack.seed import SeededUser, insert_mood
+from replicator_dev.devstack.servers import EmbeddedMongo
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for
 from .harness import eventually, figures, records, tally

@@ -27,11 +27,11 @@ from loguru import logger
 
 from replicator import metrics
 from replicator.config import Settings
-from replicator.devstack.procs import free_port
-from replicator.devstack.seed import SeededUser, insert_mood
-from replicator.devstack.stack import LocalStack
 from replicator.health import Monitor
 from replicator.runtime import Runtime, open_runtime
+from replicator_dev.devstack.procs import free_port
+from replicator_dev.devstack.seed import SeededUser, insert_mood
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for, with_settings
 from .harness import eventually, records, running

@@ -11,9 +11,9 @@ import pytest
 from bson import ObjectId
 
 from replicator.commands.dlq import human_age
-from replicator.devstack.seed import SeededUser
 from replicator.model import State
 from replicator.runtime import Runtime
+from replicator_dev.devstack.seed import SeededUser
 
 from .conftest import Users, env_for
 from .harness import records

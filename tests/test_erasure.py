@@ -26,13 +26,13 @@ from bson import ObjectId
 
 from replicator import metrics
 from replicator.commands.status import gather, render
-from replicator.devstack.seed import SeededUser, insert_mood
-from replicator.devstack.servers import EmbeddedMongo
-from replicator.devstack.stack import LocalStack
 from replicator.health import Monitor
 from replicator.model import State
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store
+from replicator_dev.devstack.seed import SeededUser, insert_mood
+from replicator_dev.devstack.servers import EmbeddedMongo
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for
 from .harness import eventually, records, running

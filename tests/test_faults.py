@@ -14,13 +14,13 @@ import pytest
 from loguru import logger
 
 from replicator.config import Settings
-from replicator.devstack.faults import FaultTransport, fail_next, timeout_next
-from replicator.devstack.seed import insert_mood
-from replicator.devstack.servers import EmbeddedMongo
-from replicator.devstack.stack import LocalStack
 from replicator.model import State
 from replicator.runtime import Runtime, open_runtime
 from replicator.sessions import Session
+from replicator_dev.devstack.faults import FaultTransport, fail_next, timeout_next
+from replicator_dev.devstack.seed import insert_mood
+from replicator_dev.devstack.servers import EmbeddedMongo
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for, with_settings
 from .harness import clean, diff, eventually, records, running
@@ -296,7 +296,7 @@ async def test_announced_write_budget_paces_the_busy_account_before_any_429(
 ) -> None:
     """The PDS says the busy account has 6 points left this hour: the replicator spends them,
     then parks that account's work until the window resets; the other account never waits."""
-    from replicator.devstack.faults import announce_budget
+    from replicator_dev.devstack.faults import announce_budget
 
     rt, transport = faulty
     busy, other = await users.make(), await users.make()

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from replicator.config import Settings
-from replicator.devstack.observe import listed_records
-from replicator.devstack.seed import SeededUser
 from replicator.model import State
 from replicator.runtime import Runtime, lease_name
+from replicator_dev.devstack.observe import listed_records
+from replicator_dev.devstack.seed import SeededUser
 
 from .conftest import Users, env_for
 from .harness import eventually

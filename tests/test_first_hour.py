@@ -38,11 +38,11 @@ from pymongo.errors import (
 from replicator import health, logs, metrics
 from replicator.cli import main
 from replicator.config import Settings
-from replicator.devstack.procs import free_port
-from replicator.devstack.seed import insert_mood
 from replicator.errors import ConfigError, OperatorError, Unavailable
 from replicator.runtime import Runtime
 from replicator.store import Store, create_index_command, mongo_problem
+from replicator_dev.devstack.procs import free_port
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users, env_for
 from .harness import eventually, records, running

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 import replicator.lexicon as lexicon_mod
 from replicator.commands.lexicon import lexicon as lexicon_cli
-from replicator.devstack import node
 from replicator.lexicon import (
     LEXICON_DIR,
     MOOD_NSID,
@@ -27,6 +26,7 @@ from replicator.lexicon import (
     validate_lexicon,
     validate_record,
 )
+from replicator_dev.devstack import node
 
 JS_VALIDATOR = Path(__file__).parent / "js" / "validate_lexicon.mjs"
 

@@ -20,11 +20,11 @@ import pytest
 from bson import ObjectId
 
 from replicator.config import Settings
-from replicator.devstack.observe import listed_records
 from replicator.pds import WRITE_NSIDS
 from replicator.recordtypes import NEWS
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import Store
+from replicator_dev.devstack.observe import listed_records
 
 from .conftest import Users, env_for, with_settings
 from .harness import eventually, records, running

@@ -282,7 +282,7 @@ def test_dockerfile_is_slim_non_root_and_runs_the_sidecar() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {".git", ".venv", ".state", "replicator/devstack/pds/node_modules"} <= ignored
+    assert {".git", ".venv", ".state", "replicator_dev/devstack/pds/node_modules"} <= ignored
     for stage in stages.values():
         for keyword, rest in stage:
             if keyword == "COPY" and not rest.startswith("--from"):

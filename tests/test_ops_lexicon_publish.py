@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from replicator.commands.lexicon import SCHEMA_NSID, lexicon
-from replicator.devstack.seed import create_account
-from replicator.devstack.stack import LocalStack
 from replicator.lexicon import LEXICON_DIR
+from replicator_dev.devstack.seed import create_account
+from replicator_dev.devstack.stack import LocalStack
 
 from .harness import changed_lexicons
 
@@ -53,7 +53,9 @@ def test_publish_is_idempotent_and_updates_a_changed_lexicon(
 
     first = publish(authority, "--json")
     assert first.exit_code == 0, first.output
-    (result,) = json.loads(first.output)["results"]
+    results = {r["nsid"]: r for r in json.loads(first.output)["results"]}
+    assert set(results) == {"computer.aesthetic.mood", "computer.aesthetic.news"}
+    result = results["computer.aesthetic.mood"]
     assert result == {
         "nsid": "computer.aesthetic.mood",
         "action": "created",

@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from replicator import health
 from replicator.commands.status import gather
 from replicator.config import Settings
-from replicator.devstack.seed import insert_mood
 from replicator.model import State
 from replicator.runtime import Runtime, open_runtime
 from replicator.stream import Replicator
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users
 from .harness import eventually, records

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from replicator.devstack.procs import free_port
-from replicator.devstack.seed import insert_mood
 from replicator.runtime import Runtime
+from replicator_dev.devstack.procs import free_port
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users, env_for
 from .harness import eventually

@@ -20,11 +20,11 @@ import pytest
 from loguru import logger
 
 from replicator.config import Settings
-from replicator.devstack.seed import SeededUser, insert_mood, seed_user
-from replicator.devstack.servers import LocalPDS
 from replicator.errors import RateLimited
 from replicator.pds import Pds
 from replicator.runtime import Runtime, open_runtime
+from replicator_dev.devstack.seed import SeededUser, insert_mood, seed_user
+from replicator_dev.devstack.servers import LocalPDS
 
 from .harness import eventually, records, running
 

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from bson import ObjectId
 
-from replicator.devstack.seed import insert_mood
 from replicator.model import State
 from replicator.runtime import Runtime
 from replicator.store import Store
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users
 from .harness import clean, diff, eventually, latest_rev, records, running
@@ -88,7 +88,7 @@ async def test_user_without_account_is_skipped_then_mirrored_later(
         assert sum(rt.pds.requests.values()) == calls  # no PDS call at all
     assert await rt.store.dead_letter_count() == 0  # skipped is not an error
     # Later the user gets an account: the backfill path (reconcile_user) mirrors the old moods.
-    from replicator.devstack.seed import create_account
+    from replicator_dev.devstack.seed import create_account
 
     did = await create_account(rt.settings.pds_url, "late" + user.sub[-6:] + ".test", "pw-late-1")
     await rt.store.users.update_one(

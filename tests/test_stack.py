@@ -17,10 +17,10 @@ import pytest
 from atproto import AsyncClient, models
 
 from replicator import tid
-from replicator.devstack.procs import port_open
-from replicator.devstack.stack import LocalStack
 from replicator.recordtypes.mood import NSID as MOOD_COLLECTION
 from replicator.store import Store, connect
+from replicator_dev.devstack.procs import port_open
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users
 from .harness import latest_rev
@@ -132,7 +132,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from replicator.devstack.servers import EmbeddedMongo
+        from replicator_dev.devstack.servers import EmbeddedMongo
         m = EmbeddedMongo(Path({str(tmp_path)!r}) / "mongo").start()
         print(m.child.pid, m.port, flush=True)
         time.sleep(600)
@@ -231,7 +231,7 @@ def test_a_forked_child_does_not_stop_the_parents_servers(stack: LocalStack) -> 
 
 
 def test_dev_keeps_its_ports_from_its_env_file(tmp_path: Path) -> None:
-    from replicator.devstack.dev import _last_ports
+    from replicator_dev.devstack.dev import _last_ports
 
     env = tmp_path / "dev.env"
     env.write_text(
@@ -249,7 +249,7 @@ def test_npm_ci_shows_its_progress(
 ) -> None:
     """The 2-minute install says how far it is: packages unpacked of the lockfile's (the
     per-OS optional ones not counted), every 15 s when stderr is a log, and when done."""
-    from replicator.devstack import node
+    from replicator_dev.devstack import node
 
     lock = {"packages": {"": {}, "node_modules/a": {}, "node_modules/b": {},
                          "node_modules/mac-only": {"optional": True}}}  # fmt: skip

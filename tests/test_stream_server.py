@@ -23,13 +23,13 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure
 
 from replicator.config import Settings
-from replicator.devstack.faults import FaultTransport, nsid_of
-from replicator.devstack.seed import SeededUser, insert_mood
-from replicator.devstack.servers import EmbeddedMongo
-from replicator.devstack.stack import LocalStack
 from replicator.model import State
 from replicator.runtime import Runtime, open_runtime
 from replicator.store import DOC_EVENT, Store
+from replicator_dev.devstack.faults import FaultTransport, nsid_of
+from replicator_dev.devstack.seed import SeededUser, insert_mood
+from replicator_dev.devstack.servers import EmbeddedMongo
+from replicator_dev.devstack.stack import LocalStack
 
 from .conftest import Users, env_for, with_settings
 from .harness import clean, diff, eventually, records, running

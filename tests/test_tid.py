@@ -231,7 +231,7 @@ def test_refused_keys_agree_with_the_reference_pds() -> None:
     import subprocess
     from pathlib import Path
 
-    from replicator.devstack import node
+    from replicator_dev.devstack import node
 
     if not node.pds_installed():
         node.ensure_pds_installed()

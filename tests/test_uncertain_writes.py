@@ -24,13 +24,13 @@ from bson import ObjectId
 from replicator import tid
 from replicator.apply import Applier
 from replicator.desired import desired_state
-from replicator.devstack.seed import insert_mood
 from replicator.model import Account, LedgerEntry, State, Write
 from replicator.plan import plan_mood
 from replicator.recordtypes import MOOD as MOOD_TYPE
 from replicator.runtime import Runtime
 from replicator.store import Store
 from replicator.writer import RepoWriter
+from replicator_dev.devstack.seed import insert_mood
 
 from .conftest import Users
 from .harness import records

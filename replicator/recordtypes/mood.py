@@ -8,8 +8,8 @@ from typing import Any
 from bson import ObjectId
 
 from ..lexicon import MOOD_NSID
-from . import fields
 from .base import Document, Record, RecordType
+from .fields import preview, text, when
 
 NSID = MOOD_NSID
 _FALSY_STRINGS = frozenset({"", "false", "0", "no", "off", "null", "undefined"})
@@ -37,15 +37,15 @@ def nuked(doc: Document) -> str | None:
     deleted = doc.get("deleted")
     if not is_deleted(deleted):
         return None
-    return "nuked" if deleted is True else f"nuked (deleted: {fields.preview(deleted)})"
+    return "nuked" if deleted is True else f"nuked (deleted: {preview(deleted)})"
 
 
 def build(doc: Document, mood_id: ObjectId) -> Record:
     """Empty or blank is not a mood: the app trims the text and refuses an empty one."""
     return {
         "$type": NSID,
-        "mood": fields.text(doc, "mood"),
-        "when": fields.when(doc),
+        "mood": text(doc, "mood"),
+        "when": when(doc),
         "ref": str(mood_id),
     }
 

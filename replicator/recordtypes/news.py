@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from bson import ObjectId
 
-from . import fields
 from .base import Document, Record, RecordType
+from .fields import text, when
 
 NSID = "computer.aesthetic.news"
 
@@ -29,12 +29,12 @@ def external(doc: Document) -> str | None:
 def build(doc: Document, post_id: ObjectId) -> Record:
     """`headline` ← `title`; `body` ← `text` and `link` ← `url`, each left out when empty;
     the lexicon's limits (headline ≤300, body ≤10,000, link a URI) are checked by the core."""
-    record: Record = {"$type": NSID, "headline": fields.text(doc, "title")}
-    if (body := fields.text(doc, "text", required=False)) is not None:
+    record: Record = {"$type": NSID, "headline": text(doc, "title")}
+    if (body := text(doc, "text", required=False)) is not None:
         record["body"] = body
-    if (link := fields.text(doc, "url", required=False)) is not None:
+    if (link := text(doc, "url", required=False)) is not None:
         record["link"] = link
-    record["when"] = fields.when(doc)
+    record["when"] = when(doc)
     record["ref"] = str(post_id)
     return record
 

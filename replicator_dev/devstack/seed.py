@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from bson import ObjectId
 
-from ..store import Store
+from replicator.store import Store
 
 
 @dataclass(frozen=True)

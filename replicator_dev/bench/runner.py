@@ -21,7 +21,8 @@ from typing import Any
 
 import anyio
 
-from ..store import Store, connect, open_client
+from replicator.store import Store, connect, open_client
+
 from . import core, pds_capacity, scenarios
 from .common import BENCH_NAMES, CpuMeter, Ctx, Sizes, fake_users, seed_users
 from .report import ratios, rows, targets

@@ -1,4 +1,4 @@
-"""`python -m replicator.bench.probe <replicator args>`: a replicator command whose PDS calls
+"""`python -m replicator_dev.bench.probe <replicator args>`: a replicator command whose PDS calls
 are recorded, so the bench can say which commit shapes a scenario really produced.
 
 Every `Pds.xrpc` call of the process is appended to the file named by `BENCH_PROBE_FILE` as
@@ -12,7 +12,7 @@ With `BENCH_NULL_PDS=1` the process has no PDS at all: every call is answered at
 the reference PDS would (a write with its records' CIDs, a listing with no record): the same
 command's MongoDB work, with nothing else to wait for, for the bench's MongoDB ceilings.
 
-Imports only what the command imports anyway (the `replicator.bench` package imports nothing).
+Imports only what the command imports anyway (the `replicator_dev.bench` package imports nothing).
 """
 
 from __future__ import annotations

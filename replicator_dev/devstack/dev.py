@@ -20,11 +20,12 @@ from pathlib import Path
 import anyio
 import click
 
-from ..config import Settings
-from ..errors import Unavailable
-from ..identity import PUBLIC_PLC
-from ..runtime import open_runtime
-from ..store import Store, open_client
+from replicator.config import Settings
+from replicator.errors import Unavailable
+from replicator.identity import PUBLIC_PLC
+from replicator.runtime import open_runtime
+from replicator.store import Store, open_client
+
 from .procs import free_port, port_open
 from .seed import insert_mood, seed_user
 from .servers import LOCAL_PDS_ADMIN_PASSWORD
@@ -57,7 +58,7 @@ def run_dev(db_name: str, *, run_replicator_too: bool = True) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 anyio.run(anyio.sleep_forever)
             return 0
-        from ..cli import run_replicator
+        from replicator.service import run_replicator
 
         try:
             return anyio.run(run_replicator, settings)

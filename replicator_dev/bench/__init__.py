@@ -20,6 +20,6 @@ recorded), `shape` (a scenario's commit shape from those calls), `pds_capacity` 
 `scenarios` ((c) end to end), `core` (the core alone), `report` (table, ratios, targets,
 JSON), `runner` (the whole run).
 
-The package imports nothing itself: `python -m replicator.bench.probe` loads no more than the
+The package imports nothing itself: `python -m replicator_dev.bench.probe` loads no more than the
 replicator it runs.
 """

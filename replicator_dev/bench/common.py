@@ -26,14 +26,15 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
-from ..config import Settings
+from replicator.config import Settings
+from replicator.recordtypes.mood import NSID as MOOD_COLLECTION
+from replicator.sessions import Session
+from replicator.store import Doc, Names, Store
+
 from ..devstack.procs import free_port
 from ..devstack.seed import seed_user
 from ..devstack.servers import EmbeddedMongo
 from ..devstack.stack import LocalStack
-from ..recordtypes.mood import NSID as MOOD_COLLECTION
-from ..sessions import Session
-from ..store import Doc, Names, Store
 from .probe import ENV as PROBE_ENV
 from .shape import Call, read_calls
 
@@ -411,7 +412,7 @@ def read_status_kb(pid: int, key: str) -> int | None:
 
 class ReplicatorProcess:
     """`python -m replicator.cli <args>`, optionally under pyinstrument, logging to a file;
-    with `probe_to`, through `replicator.bench.probe`, which records its PDS calls there."""
+    with `probe_to`, through `replicator_dev.bench.probe`, which records its PDS calls there."""
 
     def __init__(
         self,
@@ -438,7 +439,7 @@ class ReplicatorProcess:
 
     @property
     def argv(self) -> list[str]:
-        module = "replicator.bench.probe" if self.probe_to is not None else "replicator.cli"
+        module = "replicator_dev.bench.probe" if self.probe_to is not None else "replicator.cli"
         if self.profile_to is not None:
             return [sys.executable, "-m", "pyinstrument", "-r", "pyisession",
                     "-o", str(self.profile_to), "-m", module, *self.args]  # fmt: skip
@@ -510,7 +511,7 @@ async def wait_stream_open(store: Store, proc: ReplicatorProcess, within: float 
 
 
 def rkeys_of(ids: Iterable[ObjectId]) -> list[str]:
-    from ..tid import from_object_id
+    from replicator.tid import from_object_id
 
     return [from_object_id(i) for i in ids]
 
@@ -585,7 +586,7 @@ class Ctx:
         probe_to = self.work_dir / f"{scenario}-calls.jsonl" if probe else None
         env = self.env(db_name)
         if null_pds:
-            env["BENCH_NULL_PDS"] = "1"  # replicator.bench.probe's NULL_PDS_ENV
+            env["BENCH_NULL_PDS"] = "1"  # replicator_dev.bench.probe's NULL_PDS_ENV
         return ReplicatorProcess(
             env, self.work_dir / f"{scenario}-replicator.log", args=args,
             profile_to=profile_to, stdout_path=stdout_path, probe_to=probe_to,

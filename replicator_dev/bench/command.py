@@ -113,10 +113,10 @@ def bench(**kw: Any) -> None:
     import anyio
     from rich.console import Console
 
-    from ..bench.common import BenchStack, Sizes, dumps, oplog_entries
-    from ..bench.report import print_report
-    from ..bench.runner import needs_pds, parse_only, run_bench
-    from ..devstack.servers import state_dir
+    from replicator_dev.bench.common import BenchStack, Sizes, dumps, oplog_entries
+    from replicator_dev.bench.report import print_report
+    from replicator_dev.bench.runner import needs_pds, parse_only, run_bench
+    from replicator_dev.devstack.servers import state_dir
 
     try:
         only = parse_only(kw["only"])

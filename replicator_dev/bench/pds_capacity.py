@@ -34,8 +34,9 @@ import httpx
 import orjson
 from bson import ObjectId
 
-from ..pds import APPLY_WRITES_MAX
-from ..tid import from_object_id
+from replicator.pds import APPLY_WRITES_MAX
+from replicator.tid import from_object_id
+
 from .common import BenchUser, percentile
 from .shape import APPLY_WRITES
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from ..config import MONGODB_SCHEMES, check_url
+from replicator.config import MONGODB_SCHEMES, check_url
+
 from .servers import EmbeddedMongo, LocalPDS, state_dir
 
 

@@ -21,15 +21,16 @@ from typing import Any
 import anyio
 from loguru import logger
 
-from .. import tid
-from ..apply import Applier
-from ..desired import desired_state
-from ..model import Account, LedgerEntry, Write
-from ..plan import plan_user
-from ..recordtypes import MOOD
-from ..runtime import open_runtime
-from ..stream import Replicator
-from ..writer import RepoWriter
+from replicator import tid
+from replicator.apply import Applier
+from replicator.desired import desired_state
+from replicator.model import Account, LedgerEntry, Write
+from replicator.plan import plan_user
+from replicator.recordtypes import MOOD
+from replicator.runtime import open_runtime
+from replicator.stream import Replicator
+from replicator.writer import RepoWriter
+
 from .common import (
     BenchUser,
     CpuMeter,

@@ -33,11 +33,12 @@ import anyio
 import orjson
 from bson import ObjectId
 
-from ..backfill import Backfill
-from ..config import Settings
-from ..runtime import open_runtime
-from ..store import Store
-from ..tid import from_object_id
+from replicator.backfill import Backfill
+from replicator.config import Settings
+from replicator.runtime import open_runtime
+from replicator.store import Store
+from replicator.tid import from_object_id
+
 from .common import (
     MB,
     CpuMeter,
