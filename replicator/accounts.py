@@ -65,7 +65,7 @@ class AccountGate:
         pds_url: str,
         directory: Directory | None = None,
         *,
-        recheck_seconds: float = 30.0,
+        recheck_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

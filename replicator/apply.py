@@ -29,6 +29,7 @@ from loguru import logger
 
 from . import crashpoints, metrics, tid
 from .accounts import AccountGate
+from .config import Settings
 from .desired import DOCUMENT_DELETED, bad_id_reason, desired_state, valid_user
 from .errors import (
     AccountGone,
@@ -43,7 +44,7 @@ from .ledger import Failure, LaneResult, changed, intents_for, parked_without_se
 from .ledger import sent_key as _key
 from .model import Account, Desired, LedgerEntry, RemoteRecord, State, Write
 from .outcome import Outcome
-from .pds import batches
+from .pds import Pds, batches
 from .plan import Finding, UserPlan, plan_user, salt_collisions
 from .ports import CoreStore
 from .recordtypes import RecordType
@@ -52,24 +53,24 @@ from .store import Letter, Written, sub_hash
 from .tasks import task_group
 from .writer import RepoWriter
 
-LANE_DEADLINE = 60.0
-
 
 class Applier:
     def __init__(
         self,
         store: CoreStore,
         writer: RepoWriter,
+        pds: Pds,
         *,
         gate: AccountGate | None = None,
-        concurrency: int = 8,
+        concurrency: int = Settings.concurrency,
         dry_run: bool = False,
         only_users: frozenset[str] | None = None,
-        lane_deadline: float = LANE_DEADLINE,
+        lane_deadline: float = Settings.lane_deadline,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.writer = writer
+        self.pds = pds  # reads: listings, account status (writes go through `writer`)
         self.gate = gate
         self.dry_run = dry_run
         self.only_users = only_users
@@ -254,7 +255,7 @@ class Applier:
         if self.gate is not None and await self.gate.blocked(account) is not None:
             return None
         try:
-            return await self.writer.pds.list_records(account.did, rtype.nsid)
+            return await self.pds.list_records(account.did, rtype.nsid)
         except AccountGone:
             return []  # the repo is gone: nothing to delete, puts get parked
         except AccountUnavailable as exc:
@@ -368,8 +369,7 @@ class Applier:
         crashpoints.hit("forget")
         await self.store.forget_user(sub, credentials.keys(), deleted)
         for did in credentials:  # what this process holds in memory goes too
-            self.writer.sessions.forget(did)
-            self.writer.pds.budgets.forget(did)
+            self.writer.forget(did)
             if self.gate is not None:
                 self.gate.forget(did)
         outcome.counts.erasures += 1
@@ -627,7 +627,7 @@ class Applier:
         if not account.erased:
             return Failure("auth", why)
         try:
-            await self.writer.pds.repo_status(account.did)
+            await self.pds.repo_status(account.did)
         except AccountGone:
             return Failure("gone", "account gone from PDS")
         reason = f"erased, but no credential works any more ({why}): records still public"

@@ -21,13 +21,12 @@ import click
 from . import health, logs
 from .commands.backfill import audit_command, backfill
 from .commands.check import check
-from .commands.common import connection_options, index_option, settings_from
+from .commands.common import connection_options, index_option, setting_option, settings_from
 from .commands.dlq import dlq
 from .commands.errors import Group
 from .commands.lexicon import lexicon
 from .commands.status import status
 from .errors import ConfigError
-from .rollout import split_users
 from .service import run_replicator
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,52 +60,16 @@ main.add_command(check)
 
 
 def run_options(fn: F) -> F:
-    options = [
-        click.option("--batch-size", envvar="REPLICATOR_BATCH_SIZE", show_envvar=True,
-                     type=click.IntRange(1, 10_000), default=2000, show_default=True,
-                     help="Change events applied (and checkpointed) together at most."),
-        click.option("--on-history-lost", envvar="REPLICATOR_ON_HISTORY_LOST",
-                     show_envvar=True, type=click.Choice(["reconcile", "fail"]),
-                     default="reconcile", show_default=True,
-                     help="When the saved resume token is no longer usable: reconcile every "
-                          "mood against the PDS and go on, or exit with code 3."),
-        click.option("--max-batch-ms", envvar="REPLICATOR_MAX_BATCH_MS", show_envvar=True,
-                     type=click.IntRange(10, 60_000), default=250, show_default=True,
-                     help="A batch is applied after this long of reading, even if not full."),
-        click.option("--reset-position", is_flag=True,
-                     help="Ignore the saved position: start at the current one and reconcile "
-                          "every user against the PDS (after the collection was dropped or "
-                          "renamed: exit 4). Resumable."),
-        click.option("--lane-deadline", envvar="REPLICATOR_LANE_DEADLINE", show_envvar=True,
-                     type=click.FloatRange(1.0), default=60.0, show_default=True,
-                     help="Seconds a user's PDS writes may keep failing before that user's "
-                          "work is parked (retried with backoff) and the others move on."),
-        click.option("--account-recheck", "account_recheck_seconds",
-                     envvar="REPLICATOR_ACCOUNT_RECHECK_SECONDS", show_envvar=True,
-                     type=click.FloatRange(0.1), default=30.0, show_default=True,
-                     help="First re-check of a deactivated, taken down or moved account "
-                          "(then with backoff, at most every 15 minutes)."),
-        click.option("--heartbeat", "heartbeat_seconds", envvar="REPLICATOR_HEARTBEAT_SECONDS",
-                     show_envvar=True, type=float, default=5.0, show_default=True,
-                     help="Seconds between checkpoint saves on a quiet collection."),
-        click.option("--lease-seconds", envvar="REPLICATOR_LEASE_SECONDS", show_envvar=True,
-                     type=click.FloatRange(1.0), default=15.0, show_default=True,
-                     help="One process writes at a time: a second one waits, and takes over "
-                          "this long after the first dies."),
-        click.option("--dry-run", envvar="REPLICATOR_DRY_RUN", show_envvar=True, is_flag=True,
-                     help="Shadow mode: read the stream, log and count what would be done, "
-                          "write nothing; keeps its own checkpoint."),
-        click.option("--only-user", "only_users", envvar="REPLICATOR_ONLY_USERS",
-                     show_envvar=True, multiple=True, metavar="SUB|@HANDLE",
-                     help="Mirror only these users (repeatable; the variable takes a list). "
-                          "Others' moods are skipped and recorded for a later backfill."),
-        click.option("--http-addr", envvar="REPLICATOR_HTTP_ADDR", show_envvar=True,
-                     default=health.DEFAULT_HTTP_ADDR, show_default=True,
-                     help="Where /metrics, /healthz and /readyz listen (`off`: nowhere)."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
+    for name in reversed(RUN_SETTINGS):
+        fn = setting_option(name)(fn)
     return fn
+
+
+RUN_SETTINGS = (
+    "batch_size", "on_history_lost", "max_batch_ms", "reset_position", "lane_deadline",
+    "account_recheck_seconds", "heartbeat_seconds", "lease_seconds", "dry_run", "only_users",
+    "http_addr",
+)  # fmt: skip
 
 
 @main.command()
@@ -125,20 +88,7 @@ def run(**kw: Any) -> None:
         health.parse_addr(kw["http_addr"])
     except ValueError as exc:
         raise ConfigError(f"REPLICATOR_HTTP_ADDR (--http-addr): {exc}") from None
-    settings = settings_from(
-        kw,
-        batch_size=kw["batch_size"],
-        max_batch_ms=kw["max_batch_ms"],
-        reset_position=kw["reset_position"],
-        lane_deadline=kw["lane_deadline"],
-        account_recheck_seconds=kw["account_recheck_seconds"],
-        on_history_lost=kw["on_history_lost"],
-        heartbeat_seconds=kw["heartbeat_seconds"],
-        lease_seconds=kw["lease_seconds"],
-        dry_run=kw["dry_run"],
-        only_users=split_users(kw["only_users"]),
-        http_addr=kw["http_addr"],
-    )
+    settings = settings_from(kw)
     sys.exit(anyio.run(functools.partial(run_replicator, settings)))
 
 

@@ -39,7 +39,6 @@ from .model import State
 from .runtime import Runtime
 from .stream import Replicator
 
-DEFAULT_HTTP_ADDR = "127.0.0.1:9464"
 TICK_SECONDS = 1.0
 DEFAULT_INTERVAL = 10.0  # seconds between monitor rounds: PDS probe, gauges, stats flush
 

@@ -20,8 +20,7 @@ import orjson
 import stamina
 from loguru import logger
 
-from . import crashpoints, logs
-from .budget import Budgets
+from . import logs
 from .errors import (
     MAX_INLINE_WAIT,
     AccountGone,
@@ -32,7 +31,6 @@ from .errors import (
     Transient,
     classify,
 )
-from .lease import Fence
 from .model import RemoteRecord, Write
 
 # `getRepoStatus`'s `status`, as the error name a write to such an account answers.
@@ -90,7 +88,6 @@ class Pds:
         retry_timeout: float | None = None,
         on_request: Callable[[str, int], None] | None = None,
         on_retry: Callable[[PdsError], None] | None = None,
-        fence: Fence | None = None,
         bypass_key: str | None = None,
     ) -> None:
         """`bypass_key`: the PDS's `PDS_RATE_LIMIT_BYPASS_KEY`, sent as `x-ratelimit-bypass`
@@ -104,10 +101,6 @@ class Pds:
         self._on_request = on_request
         self._on_retry = on_retry
         self.requests: Counter[str] = Counter()  # by NSID, for status and tests
-        self.budgets = Budgets()
-        # Checked right before a write leaves the process (no await in between): a process
-        # that may have lost the lease sends nothing (lease.py).
-        self.fence = fence or Fence()
         self._headers = {"x-ratelimit-bypass": bypass_key} if bypass_key else {}
         if bypass_key:
             logs.add_secret(bypass_key)
@@ -133,14 +126,13 @@ class Pds:
         params: Mapping[str, Any] | None = None,
         token: str | None = None,
         post: bool = False,
+        on_headers: Callable[[httpx.Headers], None] | None = None,
     ) -> dict[str, Any]:
         """One call, no retry. A procedure without input (`post`, no `body`) sends no body:
-        the PDS refuses one it does not expect."""
+        the PDS refuses one it does not expect. `on_headers`: sees every answer's headers
+        (the rate-limit ones), whatever its status."""
         headers = {**self._headers, **({"authorization": f"Bearer {token}"} if token else {})}
         url = f"{self.base_url}/xrpc/{nsid}"
-        write = nsid in WRITE_NSIDS
-        if write:
-            self.fence.check()
         self.requests[nsid] += 1
         try:
             if body is None and post:
@@ -153,15 +145,11 @@ class Pds:
         except httpx.TransportError as exc:
             if self._on_request:
                 self._on_request(nsid, 0)
-            if write:
-                crashpoints.hit("pds_call")
             raise classify(nsid, 0, type(exc).__name__, str(exc) or None) from None
-        if write:
-            crashpoints.hit("pds_call")
         if self._on_request:
             self._on_request(nsid, resp.status_code)
-        if body is not None and isinstance(body.get("repo"), str) and write:
-            self.budgets.observe(body["repo"], resp.headers)
+        if on_headers is not None:
+            on_headers(resp.headers)
         if resp.status_code == 200:
             return dict(orjson.loads(resp.content)) if resp.content else {}
         error = message = None

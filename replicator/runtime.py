@@ -16,7 +16,9 @@ from .errors import Unavailable
 from .identity import Directory
 from .lease import Fence, Lease
 from .logs import redact_uri
+from .outbound import Outbound
 from .pds import Pds
+from .ratelimit import TokenBucket
 from .recordtypes import enabled
 from .rollout import resolve_allowlist
 from .sessions import SessionPool
@@ -79,10 +81,9 @@ async def open_runtime(
     try:
         async with open_client(settings.mongodb_uri) as client, task_group() as tg:
             store = Store(
-                client, settings.db_name, settings.names, rtypes=enabled(settings.record_types)
-            )
-            if settings.dry_run:
-                store.checkpoint_name += ":dry-run"
+                client, settings.db_name, settings.names, rtypes=enabled(settings.record_types),
+                shadow=settings.dry_run,
+            )  # fmt: skip
             if require_moods:
                 await store.require_collections()
             await store.ensure_indexes(create_app_indexes=settings.create_indexes)
@@ -90,15 +91,17 @@ async def open_runtime(
                 raise Unavailable(f"PDS {redact_uri(settings.pds_url)}: {error}: check PDS_URL, "
                                   "and that the PDS is up and reachable from here")  # fmt: skip
             keeper = None
-            if (
-                lease and not settings.dry_run
-            ):  # a shadow (dry-run) replicator never blocks the real one
-                keeper = Lease(store.state, lease_name(settings), ttl=settings.lease_seconds)
-                store.fence = pds.fence = keeper
+            fence: Fence
+            if lease and not settings.dry_run:  # a shadow replicator never blocks the real one
+                fence = keeper = Lease(
+                    store.state, lease_name(settings), ttl=settings.lease_seconds
+                )
             else:
-                store.fence = pds.fence = Fence(await current_generation(store, settings))
+                fence = Fence(await current_generation(store, settings))
+            store = store.fenced(fence)
             sessions = SessionPool(pds, store)
-            writer = RepoWriter(sessions)
+            rate = TokenBucket(settings.write_rate) if settings.write_rate else None
+            writer = RepoWriter(sessions, Outbound(pds, fence), rate=rate)
             directory = Directory(plc, settings.plc_url)
             tg.start_soon(directory.run)  # beside the writes, for the runtime's whole life
             gate = AccountGate(
@@ -108,6 +111,7 @@ async def open_runtime(
             applier = Applier(
                 store,
                 writer,
+                pds,
                 gate=gate,
                 concurrency=settings.concurrency,
                 dry_run=settings.dry_run,

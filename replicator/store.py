@@ -275,7 +275,7 @@ def entry_to_doc(entry: LedgerEntry) -> Doc:
 
 
 # A pending intent this old was left by a process that died: a lane gives up long before
-# (`apply.LANE_DEADLINE`), so nobody is still sending it.
+# (`Settings.lane_deadline`), so nobody is still sending it.
 STALE_INTENT_SECONDS = 600.0
 
 
@@ -297,9 +297,14 @@ class Store:
         names: Names,
         fence: Fence | None = None,
         rtypes: Sequence[RecordType] = (MOOD,),
+        *,
+        shadow: bool = False,
     ) -> None:
         """`rtypes`: the record types mirrored; this store reads and writes the first one's
-        documents, ledger and dead letters (`of` gives another's), and the rest is shared."""
+        documents, ledger and dead letters (`of` gives another's), and the rest is shared.
+        `shadow`: a dry run's, whose checkpoint is its own (it never moves the real
+        replicator's position). `fence`: what every write checks (`fenced` gives a store
+        with another)."""
         self.client = client
         self.fence = fence or Fence()
         # Invalid UTF-8 and dates outside the years 1-9999 decode (to lone surrogates, to
@@ -325,8 +330,7 @@ class Store:
         self.parked: AsyncCollection[Doc] = self.db[names.accounts]
         self.erasures: AsyncCollection[Doc] = self.db[names.erasures]
         self.runs: AsyncCollection[Doc] = self.db[f"{names.prefix}backfill"]
-        # A dry run (shadow) appends ":dry-run": it never moves the real replicator's position.
-        self.checkpoint_name = f"checkpoint:{names.moods}"
+        self.checkpoint_name = f"checkpoint:{names.moods}" + (":dry-run" if shadow else "")
         self._bind(self.rtypes[0])
 
     def _bind(self, rtype: RecordType) -> None:
@@ -335,6 +339,12 @@ class Store:
         self.docs: AsyncCollection[Doc] = self.db[self.collection]
         self.ledger: AsyncCollection[Doc] = self.db[self.names.ledger(rtype)]
         self.dead_letters: AsyncCollection[Doc] = self.db[self.names.dead_letters(rtype)]
+
+    def fenced(self, fence: Fence) -> Store:
+        """This store, its writes checked against `fence` (the lease, once it is known)."""
+        view = copy.copy(self)
+        view.fence = fence
+        return view
 
     def of(self, rtype: RecordType) -> Store:
         """This store for `rtype`'s documents, ledger and dead letters; everything else (users,

@@ -41,6 +41,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from . import crashpoints
 from .apply import Applier
 from .backfill import Backfill
+from .config import Settings
 from .desired import bad_id_reason, valid_user
 from .lease import Fenced, Lease
 from .model import State
@@ -141,12 +142,12 @@ class Replicator:
         store: CoreStore,
         applier: Applier,
         *,
-        batch_size: int = 2000,
-        max_batch_ms: int = 250,
+        batch_size: int = Settings.batch_size,
+        max_batch_ms: int = Settings.max_batch_ms,
         max_await_ms: int | None = None,
-        heartbeat_seconds: float = 5.0,
-        parked_retry_seconds: float = 60.0,
-        on_history_lost: Literal["reconcile", "fail"] = "reconcile",
+        heartbeat_seconds: float = Settings.heartbeat_seconds,
+        parked_retry_seconds: float = Settings.parked_retry_seconds,
+        on_history_lost: Literal["reconcile", "fail"] = Settings.on_history_lost,
         reset_position: bool = False,
         follow_users: bool = True,
         open_stream: OpenStream | None = None,

@@ -17,6 +17,7 @@ import anyio
 from .budget import cost as budget_cost
 from .errors import MAX_INLINE_WAIT, RateLimited, Rejected, Transient
 from .model import Account, Write
+from .outbound import Outbound
 from .pds import single_body, write_op
 from .ratelimit import TokenBucket
 from .sessions import SessionPool
@@ -24,10 +25,15 @@ from .sessions import SessionPool
 
 class RepoWriter:
     def __init__(
-        self, sessions: SessionPool, *, batch: bool = True, rate: TokenBucket | None = None
+        self,
+        sessions: SessionPool,
+        outbound: Outbound,
+        *,
+        batch: bool = True,
+        rate: TokenBucket | None = None,
     ) -> None:
         self.sessions = sessions
-        self.pds = sessions.pds
+        self.outbound = outbound
         self.batch = batch  # False: one call per write (the old writer's shape, for the bench)
         self.rate = rate  # global writes/second budget, shared by every lane
         self.batches = 0
@@ -58,7 +64,7 @@ class RepoWriter:
 
     async def _apply_writes(self, body: dict[str, Any], token: str) -> dict[str, Any]:
         try:
-            return await self.pds.xrpc("com.atproto.repo.applyWrites", body=body, token=token)
+            return await self.outbound.write("com.atproto.repo.applyWrites", body, token)
         except Transient as exc:
             # The reference PDS answers a batch whose premise was wrong (a create of a record
             # that exists, an update or delete of one that does not) with a 500: refused as a
@@ -71,7 +77,7 @@ class RepoWriter:
         """Spend the account's announced write budget, or wait / give up as it says."""
         if self.rate is not None:
             await self.rate.take(len(writes))
-        wait = self.pds.budgets.reserve(account.did, budget_cost(tuple(writes)))
+        wait = self.outbound.budgets.reserve(account.did, budget_cost(tuple(writes)))
         if wait > MAX_INLINE_WAIT:
             why = "the account's write budget is spent (paced before sending)"
             raise RateLimited("com.atproto.repo.applyWrites", 429, "RateLimitExceeded", why, wait)
@@ -84,6 +90,11 @@ class RepoWriter:
         nsid = "com.atproto.repo.putRecord" if write.action == "put" else (
             "com.atproto.repo.deleteRecord"
         )  # fmt: skip
-        out = await self.sessions.call(account, lambda t: self.pds.xrpc(nsid, body=body, token=t))
+        out = await self.sessions.call(account, lambda t: self.outbound.write(nsid, body, t))
         cid = out.get("cid")
         return str(cid) if cid and write.action == "put" else None
+
+    def forget(self, did: str) -> None:
+        """An erased user's account: its session and its budget go from memory too."""
+        self.sessions.forget(did)
+        self.outbound.forget(did)

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from replicator.config import Settings
-from replicator.health import DEFAULT_HTTP_ADDR
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -106,6 +105,6 @@ def test_the_deploy_guides_manifests_match_the_process() -> None:
     (container,) = pod["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["ports"][0]["containerPort"] == int(DEFAULT_HTTP_ADDR.rsplit(":", 1)[1])
+    assert container["ports"][0]["containerPort"] == int(Settings.http_addr.rsplit(":", 1)[1])
     (compose,) = [b for b in blocks if "services" in b]
     assert compose["services"]["replicator"]["stop_grace_period"] == "30s"

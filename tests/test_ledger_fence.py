@@ -33,10 +33,10 @@ async def _stored(store: Store, mood: ObjectId) -> dict[str, object]:
 @pytest.mark.parametrize("fresh", [True, False], ids=["inserted", "upserted"])
 async def test_an_older_generations_entry_is_overwritten(store: Store, fresh: bool) -> None:
     mood = ObjectId()
-    store.fence = Fence(3)
-    await store.save_entries([_entry(mood, "3kaaaaaaaaaa2")])
-    store.fence = Fence(4)
-    await store.save_entries([_entry(mood, "3kaaaaaaaaab2")], fresh={mood} if fresh else ())
+    await store.fenced(Fence(3)).save_entries([_entry(mood, "3kaaaaaaaaaa2")])
+    await store.fenced(Fence(4)).save_entries(
+        [_entry(mood, "3kaaaaaaaaab2")], fresh={mood} if fresh else ()
+    )
     doc = await _stored(store, mood)
     assert (doc["generation"], doc["rkey"]) == (4, "3kaaaaaaaaab2")
 
@@ -44,11 +44,9 @@ async def test_an_older_generations_entry_is_overwritten(store: Store, fresh: bo
 @pytest.mark.parametrize("fresh", [True, False], ids=["inserted", "upserted"])
 async def test_a_newer_generations_entry_is_never_overwritten(store: Store, fresh: bool) -> None:
     mood, other = ObjectId(), ObjectId()
-    store.fence = Fence(5)
-    await store.save_entries([_entry(mood, "3kaaaaaaaaaa2")])
-    store.fence = Fence(4)
+    await store.fenced(Fence(5)).save_entries([_entry(mood, "3kaaaaaaaaaa2")])
     with pytest.raises(Fenced):
-        await store.save_entries(
+        await store.fenced(Fence(4)).save_entries(
             [_entry(mood, "3kaaaaaaaaab2"), _entry(other, "3kaaaaaaaaac2")],
             fresh={mood, other} if fresh else (),
         )
@@ -58,8 +56,7 @@ async def test_a_newer_generations_entry_is_never_overwritten(store: Store, fres
 
 async def test_fresh_intents_of_a_burst_are_all_stored(store: Store) -> None:
     moods = [ObjectId() for _ in range(300)]
-    store.fence = Fence(2)
-    await store.save_entries(
+    await store.fenced(Fence(2)).save_entries(
         [_entry(m, f"3kaa{n:09d}") for n, m in enumerate(moods)], fresh=set(moods)
     )
     stored = await store.ledger.count_documents({"generation": 2, "state": State.PENDING.value})

@@ -84,7 +84,9 @@ async def test_the_bypass_key_lifts_the_limits_and_stays_secret(
             await burst(rt, who, 40, "with the bypass key")
     finally:
         logger.remove(sink)
-    assert rt.pds.budgets.remaining(who.did or "") is None  # no limit was counted or said
+    assert (
+        rt.writer.outbound.budgets.remaining(who.did or "") is None
+    )  # no limit was counted or said
     assert KEY not in "".join(lines)
     assert KEY not in repr(rt.settings)
 
@@ -99,7 +101,7 @@ async def test_without_the_key_the_limits_hold_and_are_read(
             writer = await user_on(rt, limited_pds)
             async with running(rt):
                 await burst(rt, writer, 10, "within the account's budget")
-            left = rt.pds.budgets.remaining(writer.did or "")
+            left = rt.writer.outbound.budgets.remaining(writer.did or "")
             assert left is not None and left < 5000, left  # the hour's budget, as the PDS said
         finally:
             await rt.store.client.drop_database(limited.db_name)

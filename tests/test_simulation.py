@@ -229,7 +229,7 @@ def _first_failing(seeds: Iterable[int]) -> Iterator[Result]:
 
 async def _old_apply_writes(self: RepoWriter, body: dict[str, Any], token: str) -> dict[str, Any]:
     """Before 17c51b8: a 500 from `applyWrites` is transient like any other, retried."""
-    return await self.pds.xrpc("com.atproto.repo.applyWrites", body=body, token=token)
+    return await self.outbound.write("com.atproto.repo.applyWrites", body, token)
 
 
 def test_finds_the_apply_writes_livelock(monkeypatch: pytest.MonkeyPatch) -> None:

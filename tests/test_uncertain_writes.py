@@ -25,6 +25,7 @@ from replicator import tid
 from replicator.apply import Applier
 from replicator.desired import desired_state
 from replicator.model import Account, LedgerEntry, State, Write
+from replicator.pds import Pds
 from replicator.plan import plan_mood
 from replicator.recordtypes import MOOD as MOOD_TYPE
 from replicator.runtime import Runtime
@@ -70,7 +71,8 @@ def test_writes_of_unknown_existence_are_sent_alone_in_order() -> None:
               Write("delete", ACCOUNT.did, "f", MOOD, exists=None)]  # fmt: skip
     applier = Applier(
         cast(Store, None),
-        cast(RepoWriter, SimpleNamespace(batch=True, pds=None)),
+        cast(RepoWriter, SimpleNamespace(batch=True)),
+        cast(Pds, None),
     )
     chunks = [[w.rkey for w in chunk] for chunk in applier._chunks(writes)]
     assert chunks == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]

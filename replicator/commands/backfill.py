@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -11,7 +12,6 @@ import click
 from ..apply import Applier
 from ..audit import audit
 from ..backfill import Backfill, users_in_scope
-from ..ratelimit import TokenBucket
 from ..runtime import open_runtime
 from .common import connection_options, empty_ok_option, index_option, settings_from
 from .report import emit, progress_reporter
@@ -45,7 +45,7 @@ def backfill(**kw: Any) -> None:
     Interrupted (Ctrl-C, kill -9), it resumes where it stopped when run again.
     Exit: 0 done, 1 some moods failed or were parked, 2 usage or error, 130 interrupted.
     """  # fmt: skip
-    settings = settings_from(kw, dry_run=kw["dry_run"])
+    settings = replace(settings_from(kw), write_rate=kw["rate"] or None)
     try:
         summary = anyio.run(_backfill, settings, kw)
     except KeyboardInterrupt:
@@ -62,8 +62,6 @@ async def _backfill(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
         settings, retry_timeout=CLI_RETRY_TIMEOUT, require_pds=True,
         require_moods=not kw["empty_ok"],
     ) as rt:  # fmt: skip
-        if kw["rate"]:
-            rt.writer.rate = TokenBucket(kw["rate"])
         users = await users_in_scope(rt.store, kw["users"])
         with progress_reporter("backfill", len(users), quiet=kw["as_json"]) as on_progress:
             job = Backfill(rt.applier, fix=kw["fix"], concurrency=settings.concurrency,
@@ -108,6 +106,7 @@ async def _audit(settings: Any, kw: dict[str, Any]) -> dict[str, Any]:
         dry = Applier(
             rt.store,
             rt.writer,
+            rt.pds,
             concurrency=settings.concurrency,
             dry_run=True,
         )

@@ -4,40 +4,79 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any, TypeVar
 
 import click
 
-from ..config import BYPASS_ENV, DEFAULT_DB, MONGODB_SCHEMES, Settings, check_url
+from ..config import BYPASS_ENV, MONGODB_SCHEMES, Settings, check_url, option_of
 from ..errors import ConfigError
-from ..identity import PUBLIC_PLC
-from ..recordtypes import TYPES, RecordType, enabled
+from ..recordtypes import RecordType, enabled
+from ..rollout import split_users
 from ..store import Names
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def mongo_options(fn: F) -> F:
-    """Where the data lives, for every command; each flag also reads the app's own variable."""
-    options = [
-        click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
-                     help="MongoDB connection string (a replica set: change streams need one)."),
-        click.option("--db", "db_name", envvar="MONGODB_NAME", show_envvar=True,
-                     default=DEFAULT_DB, show_default=True, help="Database holding `moods`."),
-        click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
-                     show_envvar=True, default="moods", show_default=True),
-        click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
-                     show_envvar=True, default="users", show_default=True),
-        click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
-                     show_envvar=True, default="@handles", show_default=True),
-        click.option("--record-types", envvar="REPLICATOR_RECORD_TYPES", show_envvar=True,
-                     default=",".join(Settings.record_types), show_default=True,
-                     metavar="TYPE[,TYPE]",
-                     help=f"Record types to mirror (comma list): {', '.join(TYPES)}."),
-    ]  # fmt: skip
+# The click parameter of each setting whose flag does not spell its name.
+_PARAMS = {"--db": "db_name", "--heartbeat": "heartbeat_seconds", "--only-user": "only_users",
+           "--account-recheck": "account_recheck_seconds"}  # fmt: skip
+
+
+def setting_option(name: str) -> Callable[[F], F]:
+    """The click option of a setting, built from its `config.Option` and its default: flags,
+    variables, defaults and help are written once, in `config.Settings`."""
+    spec, default = option_of(name)
+    kw: dict[str, Any] = {"help": spec.help, "show_default": True}
+    if spec.env:
+        kw |= {"envvar": spec.env, "show_envvar": True}
+    if spec.many:
+        kw |= {"multiple": True, "metavar": "SUB|@HANDLE", "show_default": False}
+    elif isinstance(spec.kind, tuple):
+        kw |= {"type": click.Choice(list(spec.kind)), "default": default}
+    elif spec.kind is bool:
+        kw |= {"default": default}
+        if "/" not in spec.flag:
+            kw |= {"is_flag": True, "show_default": False}
+    elif spec.kind in (int, float):
+        low, high = spec.low, spec.high
+        kind: Any = spec.kind
+        if spec.kind is int and (low is not None or high is not None):
+            kind = click.IntRange(
+                None if low is None else int(low), None if high is None else int(high)
+            )
+        elif low is not None or high is not None:
+            kind = click.FloatRange(low, high)
+        kw |= {"type": kind, "default": default}
+    elif isinstance(default, tuple):  # a comma list
+        kw |= {"default": ",".join(default), "metavar": "NAME[,NAME]"}
+    else:
+        kw |= {"default": default}
+    param = _PARAMS.get(spec.flag.split("/")[0], name)
+    return click.option(spec.flag, param, **kw)
+
+
+def _apply(fn: F, options: list[Callable[[F], F]]) -> F:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def mongo_options(fn: F) -> F:
+    """Where the data lives, for every command; each flag also reads the app's own variable."""
+    names = Names()
+    return _apply(fn, [
+        click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
+                     help="MongoDB connection string (a replica set: change streams need one)."),
+        setting_option("db_name"),
+        click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
+                     show_envvar=True, default=names.moods, show_default=True),
+        click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
+                     show_envvar=True, default=names.users, show_default=True),
+        click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
+                     show_envvar=True, default=names.handles, show_default=True),
+        setting_option("record_types"),
+    ])  # fmt: skip
 
 
 def pds_option(fn: F) -> F:
@@ -47,17 +86,9 @@ def pds_option(fn: F) -> F:
 
 def connection_options(fn: F) -> F:
     """For the commands that write to the PDS: MongoDB, the PDS, the DID directory, lanes."""
-    options = [
-        click.option("--plc-url", envvar="REPLICATOR_PLC_URL", show_envvar=True,
-                     default=PUBLIC_PLC, show_default=True,
-                     help="PLC directory that resolves did:plc to each account's PDS."),
-        click.option("--concurrency", envvar="REPLICATOR_CONCURRENCY", show_envvar=True,
-                     type=click.IntRange(1, 256), default=8, show_default=True,
-                     help="Users whose writes are applied in parallel."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
-    return mongo_options(pds_option(fn))
+    return mongo_options(pds_option(_apply(fn, [
+        setting_option("plc_url"), setting_option("concurrency"),
+    ])))  # fmt: skip
 
 
 def empty_ok_option(fn: F) -> F:
@@ -72,13 +103,7 @@ def empty_ok_option(fn: F) -> F:
 
 def index_option(fn: F) -> F:
     """For the commands that open the runtime, which makes sure of the indexes first."""
-    return click.option(
-        "--create-indexes/--no-create-indexes", envvar="REPLICATOR_CREATE_INDEXES",
-        show_envvar=True, default=True, show_default=True,
-        help="Create the index on the app's moods (user) when it is missing. Either way a "
-             "missing one is logged with the command that creates it; the replicator_* "
-             "collections' own indexes are always created.",
-    )(fn)  # fmt: skip
+    return setting_option("create_indexes")(fn)
 
 
 def mongo_from(kw: dict[str, Any]) -> tuple[str, Names]:
@@ -102,21 +127,23 @@ def pds_url_from(kw: dict[str, Any]) -> str | None:
     return check_url("PDS_URL (--pds-url)", url) if url else None
 
 
-def settings_from(kw: dict[str, Any], **extra: Any) -> Settings:
-    """Every setting checked before anything is contacted: a bad one is a `ConfigError`."""
+def settings_from(kw: dict[str, Any]) -> Settings:
+    """The `Settings` of a command's options (every setting it has a flag for; the others
+    keep their defaults), checked before anything is contacted: a bad one is a
+    `ConfigError`."""
     uri, names = mongo_from(kw)
     pds_url = pds_url_from(kw)
     if not pds_url:
         raise ConfigError("set PDS_URL or --pds-url")
-    return Settings(
-        rate_limit_bypass_key=os.environ.get(BYPASS_ENV) or None,
-        mongodb_uri=uri,
-        db_name=kw["db_name"],
-        pds_url=pds_url,
-        names=names,
-        concurrency=kw["concurrency"],
-        plc_url=check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
-        create_indexes=kw.get("create_indexes", True),
-        record_types=tuple(t.name for t in rtypes_from(kw)),
-        **extra,
-    )
+    checked = {
+        "rate_limit_bypass_key": os.environ.get(BYPASS_ENV) or None,
+        "mongodb_uri": uri,
+        "pds_url": pds_url,
+        "names": names,
+        "plc_url": check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
+        "record_types": tuple(t.name for t in rtypes_from(kw)),
+    }
+    given = {f.name: kw[f.name] for f in fields(Settings) if f.name in kw}
+    if "only_users" in given:
+        given["only_users"] = split_users(given["only_users"])
+    return Settings(**(given | checked))

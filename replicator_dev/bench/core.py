@@ -72,8 +72,8 @@ async def core_mongo(ctx: Ctx) -> dict[str, Any]:
         await insert_docs(store, mood_docs(ctx.users, n, label="core"), chunk=1_000)
         settings = ctx.settings(db_name, NULL_PDS_URL)
         async with open_runtime(settings) as rt:
-            writer = NullWriter(rt.sessions)
-            applier = Applier(rt.store, writer, concurrency=settings.concurrency)
+            writer = NullWriter(rt.sessions, rt.writer.outbound)
+            applier = Applier(rt.store, writer, rt.pds, concurrency=settings.concurrency)
             replicator = Replicator(rt.store, applier, batch_size=settings.batch_size,
                                     max_batch_ms=settings.max_batch_ms)  # fmt: skip
             stop = anyio.Event()

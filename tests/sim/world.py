@@ -32,6 +32,7 @@ from replicator.desired import desired_state
 from replicator.identity import Directory
 from replicator.lease import Fence
 from replicator.model import State
+from replicator.outbound import Outbound
 from replicator.pds import Pds
 from replicator.recordtypes import MOOD, NEWS
 from replicator.sessions import SessionPool
@@ -409,15 +410,15 @@ class World:
             transport=httpx.MockTransport(plc_handler(self.pds.url, self.scheduler, proc))
         )
         pds = Pds(self.pds.url, http=http, retry_timeout=None)
-        pds.fence = fence
         core = store  # the same Protocols as the real adapter (replicator.ports)
         sessions = SessionPool(pds, core)
-        writer = RepoWriter(sessions)
+        writer = RepoWriter(sessions, Outbound(pds, fence))
         directory = Directory(plc, PLC_URL, clock=self.clock.monotonic)
         gate = AccountGate(core, pds, self.pds.url, directory,
                            recheck_seconds=o.account_recheck_seconds,
                            clock=self.clock.time)  # fmt: skip
-        applier = Applier(core, writer, gate=gate, concurrency=o.concurrency, clock=self.clock.time)
+        applier = Applier(core, writer, pds, gate=gate, concurrency=o.concurrency,
+                          clock=self.clock.time)  # fmt: skip
         replicator = Replicator(
             core, applier, batch_size=o.batch_size, max_batch_ms=250,
             heartbeat_seconds=o.heartbeat_seconds, parked_retry_seconds=o.parked_retry_seconds,
