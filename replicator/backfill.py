@@ -130,14 +130,15 @@ async def users_in_scope(
 
 
 async def reconcile_until_stable(applier: Applier, subs: Sequence[str], *, fix: bool) -> Outcome:
-    """Reconcile, then check that the users' moods are still what the reconcile read; those
-    whose moods a concurrent change touched in between are reconciled again (a stale write
-    never outlives its read). A user reconciled again is counted again."""
+    """Reconcile, then check that the users' documents are still what the reconcile read;
+    those a concurrent change touched in between are reconciled again (a stale write never
+    outlives its read). A user reconciled again is counted once: a later pass adds only its
+    writes."""
     outcome = Outcome()
     todo = list(subs)
-    for _ in range(MAX_PASSES):
+    for n in range(MAX_PASSES):
         done = await applier.reconcile_users(todo, fix=fix)
-        outcome.merge(done)
+        outcome.merge(done if n == 0 else Outcome(counts=done.counts.writes()))
         if applier.dry_run:
             break
         now = await applier.fingerprints(todo)

@@ -7,7 +7,7 @@ a figure that is renamed is renamed everywhere (mypy sees each reader), never re
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .model import State
@@ -49,6 +49,13 @@ class Counts:
     def add(self, other: Counts) -> None:
         for f in fields(self):
             _add(self, other, f.name)
+
+    def writes(self) -> Counts:
+        """What another pass over the same documents adds to the figures: its writes (and
+        what they parked or erased), not the documents, states and listings again."""
+        return Counts(sent=replace(self.sent), would=replace(self.would), adopted=self.adopted,
+                      parked=self.parked, write_back_failed=self.write_back_failed,
+                      erasures=self.erasures)  # fmt: skip
 
     @property
     def total(self) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -50,8 +50,14 @@ def run_dev(db_name: str, *, run_replicator_too: bool = True) -> int:
         settings = Settings(stack.mongodb_uri, db_name, stack.pds_url, http_addr=http_addr,
                             plc_url=stack.plc_url or PUBLIC_PLC)  # fmt: skip
         demo = anyio.run(_seed, settings, stack.pds_admin_password)
-        exports = _exports(settings, stack.pds_admin_password)
-        (stack.state / ENV_FILE).write_text(exports + "\n")
+        # The admin password of the embedded PDS only (a local constant): an external PDS's,
+        # from the environment, is neither printed nor written down.
+        local = stack.pds_admin_password if stack.pds is not None else None
+        exports = _exports(settings, local)
+        env_file = stack.state / ENV_FILE
+        env_file.touch(mode=0o600)  # the connection string may hold a password
+        env_file.chmod(0o600)
+        env_file.write_text(exports + "\n")
         _print_banner(settings, demo, exports, stack.state / ENV_FILE, metrics=run_replicator_too)
         if not run_replicator_too:
             click.echo("\n--no-run: the stack stays up until Ctrl-C")
@@ -141,13 +147,19 @@ def _last_ports(path: Path) -> dict[str, int]:
         for line in path.read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             value = value.strip().strip("'")
-            found = re.search(r":(\d+)", value)
-            if found is None:
-                continue
             name = _PORT_OF.get(key)
-            if name:
-                ports[name] = int(found[1])
+            port = _port_of(value)
+            if name and port is not None:
+                ports[name] = port
     return ports
+
+
+def _port_of(value: str) -> int | None:
+    """The port of a URL (`mongodb://u:pw@h:27017/...`: 27017, not a password's digits) or
+    of a bare `host:port`."""
+    with contextlib.suppress(ValueError):
+        return urlsplit(value if "://" in value else f"//{value}").port
+    return None
 
 
 def _exports(settings: Settings, admin_password: str | None) -> str:
@@ -177,6 +189,8 @@ def _print_banner(
         f"curl -s '{settings.pds_url}/xrpc/com.atproto.repo.listRecords"
         f"?repo={demo['did']}&collection=computer.aesthetic.mood'"
     )
+    local = "PDS_ADMIN_PASSWORD" in exports  # the embedded PDS (its password is a constant)
+    pds_note = f"  (admin password: {LOCAL_PDS_ADMIN_PASSWORD}, local only)" if local else ""
     served = (
         f"  metrics   http://{settings.http_addr}/metrics  (/healthz /readyz)\n" if metrics else ""
     )
@@ -185,7 +199,7 @@ def _print_banner(
 local stack is up
   MongoDB   {uri}
   database  {db}
-  PDS       {settings.pds_url}  (admin password: {LOCAL_PDS_ADMIN_PASSWORD}, local only)
+  PDS       {settings.pds_url}{pds_note}
   PLC       {settings.plc_url}
 {served}  demo user {demo["handle"]}  sub {demo["sub"]}  did {demo["did"]}
             {len(DEMO_MOODS)} moods seeded and mirrored; a user without an ATProto account too
