@@ -50,6 +50,7 @@ from .model import Account, LedgerEntry, Location, State
 from .recordtypes import MOOD, RecordType
 from .sessions import Session, session_from_doc, session_to_doc
 from .tasks import task_group
+from .typeviews import TypeViews
 
 # What the stream loop reads of a change event of a mirrored collection: which document,
 # what happened, when.
@@ -285,7 +286,7 @@ def _due(entry: Mapping[str, Any], now: float) -> bool:
     return float(entry.get("retry_at") or 0) <= now
 
 
-class Store:
+class Store(TypeViews):
     """Every read a decision depends on comes from the primary with majority read concern,
     and every write waits for a majority, whatever the connection string says: a decision made
     on a read that a failover rolls back could resurrect a record."""
@@ -345,20 +346,6 @@ class Store:
         view = copy.copy(self)
         view.fence = fence
         return view
-
-    def of(self, rtype: RecordType) -> Store:
-        """This store for `rtype`'s documents, ledger and dead letters; everything else (users,
-        sessions, positions, erasures, the fence) is the same objects."""
-        if rtype is self.rtype:
-            return self
-        view = copy.copy(self)
-        view._bind(rtype)
-        return view
-
-    @property
-    def views(self) -> list[Store]:
-        """One view per record type mirrored (this one first)."""
-        return [self.of(t) for t in self.rtypes]
 
     async def ensure_indexes(self, *, create_app_indexes: bool = True) -> None:
         """The ledger's own, and `moods.user`: the backfill, the audit and the purge sweep read

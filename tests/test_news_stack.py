@@ -163,7 +163,7 @@ async def test_backfill_audit_and_erasure_cover_news(both: Runtime, users: Users
     report = await Backfill(both.applier, fix=True).run([alice.sub], scope="test")
     assert report.users == 1
     assert len(await news_of(pds, alice.did)) == 3 and len(await records(pds, alice.did)) == 1
-    dry = Applier(both.store, both.writer, dry_run=True)
+    dry = Applier(both.store, both.writer, both.pds, dry_run=True)
     audited = await audit(both.store, dry, both.applier, [alice.sub])
     assert audited.in_sync, audited.summary()
     await both.store.users.delete_one({"_id": alice.sub})  # the app erases alice

@@ -12,7 +12,6 @@ core reads back is exactly what it would read from MongoDB.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -38,6 +37,7 @@ from replicator.store import (
     sub_hash,
     user_gone,
 )
+from replicator.typeviews import TypeViews
 
 from .fake_mongo import Doc, FakeChangeStream, MongoState, clone, open_stream
 from .scheduler import Process, Scheduler
@@ -45,7 +45,7 @@ from .scheduler import Process, Scheduler
 T = TypeVar("T")
 
 
-class FakeStore:
+class FakeStore(TypeViews):
     """One process's connection to the fake replica set."""
 
     def __init__(
@@ -76,17 +76,6 @@ class FakeStore:
         self.collection = self.names.collection(rtype)
         self._ledger = self.names.ledger(rtype)
         self._letters = self.names.dead_letters(rtype)
-
-    def of(self, rtype: RecordType) -> FakeStore:
-        if rtype is self.rtype:
-            return self
-        view = copy.copy(self)
-        view._bind(rtype)
-        return view
-
-    @property
-    def views(self) -> list[FakeStore]:
-        return [self.of(t) for t in self.rtypes]
 
     async def _io(self, site: str, op: Callable[[], T]) -> T:
         return await self.scheduler.io(self.proc, site, op)
