@@ -74,13 +74,16 @@ class LedgerEntry:
             object.__setattr__(self, "held", ((self.did, self.rkey),))
 
     def settled(self, deleted: bool) -> LedgerEntry:
-        """As kept once done, by a user with no account. The entry of a deleted document
-        with nothing held keeps no owner (user, DID): nothing of it is left to find, and an
-        erased user must not stay named by it (their erasure may go unseen: `atproto` unset
-        while the `users` stream's history was lost, and no DID of theirs known)."""
-        if deleted and self.state is State.ABSENT and not self.held:
-            return replace(self, user=None, did=None)
-        return self
+        """As kept once done, by a user with no account. An entry that holds nothing keeps no
+        owner (user, DID) where nothing of it is left to find: its document deleted, or no
+        record wanted at all (`skipped`: the document names its owner, the ledger need not).
+        An erased user must not stay named by it: their erasure may go unseen (`atproto`
+        unset while the `users` stream's history was lost, no DID of theirs known, and
+        documents the app left behind, as its older endpoint leaves news posts)."""
+        nothing = not self.held and (
+            self.state is State.SKIPPED or (deleted and self.state is State.ABSENT)
+        )
+        return replace(self, user=None, did=None) if nothing else self
 
     @property
     def on_pds(self) -> bool:
