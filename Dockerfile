@@ -13,8 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /app
 COPY pyproject.toml README.md ./
-# The shipped package alone (its lexicons are package data): replicator_dev/ (the local
-# stack, the bench) is not copied, so neither the wheel nor the image carries it.
+# The shipped package alone, a plain wheel (its lexicons are package data). The wheel never
+# holds replicator_dev/ (the local stack, the bench: pyproject.toml), and it is not copied.
 COPY replicator ./replicator
 RUN pip install .
 
@@ -40,8 +40,9 @@ FROM build AS devpds-build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ make \
     && rm -rf /var/lib/apt/lists/*
-# The working copy's dev package on top (this stage only), then `replicator setup`: npm ci
-# from the committed lockfile, better-sqlite3 compiled for Node 22.
+# The working copy's dev package on top (this stage only: an editable install, which puts
+# /app on sys.path), then `replicator setup`: npm ci from the committed lockfile,
+# better-sqlite3 compiled for Node 22.
 COPY replicator_dev ./replicator_dev
 RUN pip install -e '.[stack]' && replicator setup
 

@@ -23,7 +23,7 @@ from .commands.backfill import audit_command, backfill
 from .commands.check import check
 from .commands.common import connection_options, index_option, setting_option, settings_from
 from .commands.dlq import dlq
-from .commands.errors import Group
+from .commands.errors import Group, absent
 from .commands.lexicon import lexicon
 from .commands.status import status
 from .errors import ConfigError
@@ -95,14 +95,15 @@ def run(**kw: Any) -> None:
 def _plugins() -> None:
     """The commands a working copy adds (`dev`, `setup`, `bench`: `replicator_dev`, declared
     under the `replicator.commands` entry points). The production image does not carry them:
-    there they are absent, and `replicator` is the sidecar and the operator commands alone."""
+    there they are absent (asking for one says so), and `replicator` is the sidecar and the
+    operator commands alone."""
     for ep in entry_points(group="replicator.commands"):
         try:
             command = ep.load()
         except ModuleNotFoundError as exc:
             if (exc.name or "").split(".")[0] != ep.module.split(".")[0]:
                 raise  # the plugin is there but broken: say so
-            continue  # declared, not installed here
+            command = absent(ep.name)  # declared, not installed here
         main.add_command(command, ep.name)
 
 

@@ -93,3 +93,24 @@ def _fail(ctx: click.Context, exc: OperatorError, code: int) -> NoReturn:
     else:
         click.echo(line, err=True)
     ctx.exit(code)
+
+
+def absent(name: str) -> click.Command:
+    """A command the working copy adds (`replicator_dev`, declared under the
+    `replicator.commands` entry points) where it is not installed, as in the production image:
+    hidden from the help, and asking for it says why in one line (exit 2, a usage error)."""
+
+    @click.command(
+        name,
+        hidden=True,
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+    def command() -> None:
+        raise ConfigError(
+            "not in this installation: a development command, which comes with the "
+            "repository's working copy (replicator_dev/: `pip install -e '.[dev]'` in a clone); "
+            "this one has `run` and the operator commands (`replicator --help`)"
+        )
+
+    return command
