@@ -63,7 +63,7 @@ class Applier:
         *,
         gate: AccountGate | None = None,
         concurrency: int = Settings.concurrency,
-        dry_run: bool = False,
+        dry_run: bool = Settings.dry_run,
         only_users: frozenset[str] | None = None,
         lane_deadline: float = Settings.lane_deadline,
         clock: Callable[[], float] = time.time,

@@ -26,6 +26,7 @@ from .commands.dlq import dlq
 from .commands.errors import Group, absent
 from .commands.lexicon import lexicon
 from .commands.status import status
+from .config import spelled
 from .errors import ConfigError
 from .service import run_replicator
 
@@ -87,7 +88,7 @@ def run(**kw: Any) -> None:
     try:
         health.parse_addr(kw["http_addr"])
     except ValueError as exc:
-        raise ConfigError(f"REPLICATOR_HTTP_ADDR (--http-addr): {exc}") from None
+        raise ConfigError(f"{spelled('http_addr')}: {exc}") from None
     settings = settings_from(kw)
     sys.exit(anyio.run(functools.partial(run_replicator, settings)))
 

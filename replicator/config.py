@@ -25,11 +25,15 @@ class Option:
 
     flag: str
     env: str | None
-    help: str
+    help: str | None
     kind: type | tuple[str, ...] = str
     low: float | None = None
     high: float | None = None
     many: bool = False  # repeatable (the variable takes a list)
+    metavar: str | None = None
+    # The command refuses to start without it (and says which flag and variable): no default
+    # on the command line, whatever the field's (which is for code that builds `Settings`).
+    required: bool = False
 
 
 def setting(default: Any, option: Option) -> Any:
@@ -42,6 +46,12 @@ def option_of(name: str) -> tuple[Option, Any]:
     return f.metadata["option"], f.default
 
 
+def spelled(name: str) -> str:
+    """How a setting is given, for messages: `PDS_URL (--pds-url)`."""
+    spec = option_of(name)[0]
+    return f"{spec.env} ({spec.flag})" if spec.env else spec.flag
+
+
 _R = "REPLICATOR_"
 
 
@@ -49,11 +59,26 @@ _R = "REPLICATOR_"
 class Settings:
     """Every setting, its default, and how it is given (`Option`)."""
 
-    mongodb_uri: str
+    mongodb_uri: str = field(
+        metadata={
+            "option": Option(
+                "--mongodb-uri",
+                "MONGODB_CONNECTION_STRING",
+                "MongoDB connection string (a replica set: change streams need one).",
+                required=True,
+            )
+        }
+    )
     db_name: str = setting(
         DEFAULT_DB, Option("--db", "MONGODB_NAME", "Database holding the app's collections.")
     )
-    pds_url: str = "http://localhost:2583"
+    pds_url: str = setting(
+        "http://localhost:2583",
+        Option(
+            "--pds-url", "PDS_URL", "Base URL of the PDS hosting the users' repos.", required=True
+        ),
+    )
+    # Each collection's flag and variable: `NAME_OPTIONS`; the defaults are `Names`'.
     names: Names = field(default_factory=Names)
     batch_size: int = setting(
         2000,
@@ -126,6 +151,7 @@ class Settings:
             "Mirror only these users (repeatable; the variable "
             "takes a list). Others' documents are skipped and recorded for a later backfill.",
             many=True,
+            metavar="SUB|@HANDLE",
         ),
     )
     http_timeout: float = 30.0
@@ -211,11 +237,28 @@ class Settings:
             "--record-types",
             f"{_R}RECORD_TYPES",
             "Record types to mirror (comma list): mood, news.",
+            metavar="TYPE[,TYPE]",
         ),
     )
 
     def __repr__(self) -> str:  # the URI may hold a password
         return f"Settings(db={self.db_name!r}, pds={self.pds_url!r}, names={self.names!r})"
+
+
+# The flag and variable of each collection's name (a field of `store.Names`, whose default it
+# takes): the app's names, given only where a deployment renamed its collections.
+NAME_OPTIONS = {
+    "moods": Option("--moods-collection", f"{_R}MOODS_COLLECTION", None),
+    "users": Option("--users-collection", f"{_R}USERS_COLLECTION", None),
+    "handles": Option("--handles-collection", f"{_R}HANDLES_COLLECTION", None),
+}
+
+
+def parse_list(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A comma list (a flag's or a variable's value): each name stripped, empty ones dropped,
+    the first of each kept, in order."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(dict.fromkeys(n.strip() for n in items if n.strip()))
 
 
 HTTP_SCHEMES = ("https", "http")

@@ -175,7 +175,7 @@ class Monitor:
             metrics.observe_parked_accounts((p.kind, p.reason) for p in parked)
         except PyMongoError as exc:
             logger.debug("metrics refresh: MongoDB unavailable ({})", exc)
-        rate = self.rt.writer.rate
+        rate = self.rt.rate
         if rate is not None and rate.waited > self._budget_waited:
             metrics.RATE_LIMIT_WAIT.labels("budget").inc(rate.waited - self._budget_waited)
             self._budget_waited = rate.waited

@@ -72,7 +72,7 @@ class Lease(Fence):
         state: AsyncCollection[Any],
         name: str,
         *,
-        ttl: float = 15.0,
+        ttl: float,  # --lease-seconds (`Settings.lease_seconds`)
         owner: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -84,14 +84,18 @@ class Pds:
         base_url: str,
         *,
         http: httpx.AsyncClient | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = None,
         retry_timeout: float | None = None,
         on_request: Callable[[str, int], None] | None = None,
         on_retry: Callable[[PdsError], None] | None = None,
         bypass_key: str | None = None,
     ) -> None:
         """`bypass_key`: the PDS's `PDS_RATE_LIMIT_BYPASS_KEY`, sent as `x-ratelimit-bypass`
-        on every call (the operator's own PDS lets us past its rate limits); never logged."""
+        on every call (the operator's own PDS lets us past its rate limits); never logged.
+        `timeout`: of each call on the pool made here (`http` not given: then it is needed;
+        `Settings.http_timeout` is the runtime's)."""
+        if http is None and timeout is None:
+            raise TypeError("Pds: give the timeout of its calls, or the pool (http)")
         self.base_url = base_url.rstrip("/")
         self._http = http or httpx.AsyncClient(
             timeout=timeout, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)

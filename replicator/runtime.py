@@ -38,6 +38,7 @@ class Runtime:
     applier: Applier
     directory: Directory | None = None
     lease: Lease | None = None
+    rate: TokenBucket | None = None  # the writes a second every lane together (the writer's)
 
     def replicator(self) -> Replicator:
         s = self.settings
@@ -101,7 +102,7 @@ async def open_runtime(
             store = store.fenced(fence)
             sessions = SessionPool(pds, store)
             rate = TokenBucket(settings.write_rate) if settings.write_rate else None
-            writer = RepoWriter(sessions, Outbound(pds, fence), rate=rate)
+            writer = RepoWriter(sessions, Outbound(pds, fence, rate=rate))
             directory = Directory(plc, settings.plc_url)
             tg.start_soon(directory.run)  # beside the writes, for the runtime's whole life
             gate = AccountGate(
@@ -119,7 +120,9 @@ async def open_runtime(
                 lane_deadline=settings.lane_deadline,
             )
             try:
-                yield Runtime(settings, store, pds, sessions, writer, applier, directory, keeper)
+                yield Runtime(
+                    settings, store, pds, sessions, writer, applier, directory, keeper, rate
+                )
             finally:
                 tg.cancel_scope.cancel()
     finally:

@@ -148,7 +148,7 @@ class Replicator:
         heartbeat_seconds: float = Settings.heartbeat_seconds,
         parked_retry_seconds: float = Settings.parked_retry_seconds,
         on_history_lost: Literal["reconcile", "fail"] = Settings.on_history_lost,
-        reset_position: bool = False,
+        reset_position: bool = Settings.reset_position,
         follow_users: bool = True,
         open_stream: OpenStream | None = None,
         on_batch: Callable[[int, float | None], None] | None = None,

@@ -12,14 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
-
-from .budget import cost as budget_cost
-from .errors import MAX_INLINE_WAIT, RateLimited, Rejected, Transient
+from .errors import Rejected, Transient
 from .model import Account, Write
 from .outbound import Outbound
 from .pds import single_body, write_op
-from .ratelimit import TokenBucket
 from .sessions import SessionPool
 
 
@@ -30,12 +26,12 @@ class RepoWriter:
         outbound: Outbound,
         *,
         batch: bool = True,
-        rate: TokenBucket | None = None,
     ) -> None:
+        """`outbound`: what every write passes on its way (budgets, the fence, the crash
+        point); the writer sends nothing any other way."""
         self.sessions = sessions
         self.outbound = outbound
         self.batch = batch  # False: one call per write (the old writer's shape, for the bench)
-        self.rate = rate  # global writes/second budget, shared by every lane
         self.batches = 0
         self.single_calls = 0
 
@@ -47,7 +43,7 @@ class RepoWriter:
         splits them)."""
         if not writes:
             return {}
-        await self._pace(account, writes)
+        await self.outbound.pace(account.did, writes)
         if len(writes) == 1:
             return {writes[0].rkey: await self._single(account, writes[0], collection)}
         self.batches += 1
@@ -72,17 +68,6 @@ class RepoWriter:
             if exc.status == 500:
                 raise Rejected(exc.nsid, exc.status, exc.error, exc.message) from None
             raise
-
-    async def _pace(self, account: Account, writes: Sequence[Write]) -> None:
-        """Spend the account's announced write budget, or wait / give up as it says."""
-        if self.rate is not None:
-            await self.rate.take(len(writes))
-        wait = self.outbound.budgets.reserve(account.did, budget_cost(tuple(writes)))
-        if wait > MAX_INLINE_WAIT:
-            why = "the account's write budget is spent (paced before sending)"
-            raise RateLimited("com.atproto.repo.applyWrites", 429, "RateLimitExceeded", why, wait)
-        if wait > 0:
-            await anyio.sleep(wait)
 
     async def _single(self, account: Account, write: Write, collection: str) -> str | None:
         self.single_calls += 1

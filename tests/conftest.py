@@ -24,6 +24,14 @@ from replicator_dev.devstack.seed import SeededUser, seed_user
 from replicator_dev.devstack.stack import LocalStack
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "settings(**fields): the `settings` (and so the `rt`) a test runs with, these fields "
+        "given (the runtime is wired with them: nothing is changed on it afterwards)",
+    )
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
@@ -39,9 +47,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 
 @pytest.fixture
-def settings(stack: LocalStack) -> Settings:
+def settings(stack: LocalStack, request: pytest.FixtureRequest) -> Settings:
     assert stack.mongodb_uri and stack.pds_url
-    return Settings(
+    marker = request.node.get_closest_marker("settings")
+    given = Settings(
         mongodb_uri=stack.mongodb_uri,
         db_name=f"t_{secrets.token_hex(6)}",
         pds_url=stack.pds_url,
@@ -51,6 +60,7 @@ def settings(stack: LocalStack) -> Settings:
         plc_url=stack.plc_url or PUBLIC_PLC,
         account_recheck_seconds=1.0,
     )
+    return replace(given, **marker.kwargs) if marker else given
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ async def authority(stack: LocalStack) -> str:
     handle = f"lex{secrets.token_hex(4)}.test"
     password = secrets.token_urlsafe(16)
     await create_account(stack.pds_url, handle, password)
-    pds = Pds(stack.pds_url, retry_timeout=30)
+    pds = Pds(stack.pds_url, timeout=Settings.http_timeout, retry_timeout=30)
     try:
         await publish_lexicons(pds, handle, password, load_lexicons())
     finally:

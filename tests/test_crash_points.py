@@ -594,6 +594,7 @@ async def _intents_as_a_kill_leaves_them(rt: Runtime, sub: str, ids: list[Object
     await rt.store.save_entries(list(intents.values()))
 
 
+@pytest.mark.settings(lane_deadline=5.0)
 async def test_edits_whose_intents_outlived_a_kill_are_applied(rt: Runtime, users: Users) -> None:
     """Two mirrored moods edited; killed after the intents: one apply must put both edits
     (the records exist: `applyWrites#create` is refused)."""
@@ -603,12 +604,12 @@ async def test_edits_whose_intents_outlived_a_kill_are_applied(rt: Runtime, user
     await rt.applier.apply_ids(ids)
     await rt.store.docs.update_many({"user": user.sub}, {"$set": {"mood": "edited"}})
     await _intents_as_a_kill_leaves_them(rt, user.sub, ids)
-    rt.applier.lane_deadline = 5.0
     await rt.applier.apply_ids(ids)
     t = await tally(rt.store, rt.settings.pds_url, user.sub, user.did)
     assert not any(t.values()), figures(t)
 
 
+@pytest.mark.settings(lane_deadline=5.0)
 async def test_inserts_whose_intents_outlived_a_kill_then_nuked_are_deleted(
     rt: Runtime, users: Users
 ) -> None:
@@ -621,7 +622,6 @@ async def test_inserts_whose_intents_outlived_a_kill_then_nuked_are_deleted(
     await _intents_as_a_kill_leaves_them(rt, user.sub, ids)
     await rt.store.docs.update_many({"user": user.sub}, {"$set": {"deleted": True}})
     new = await insert_mood(rt.store, user.sub, "after the nuke", when=BASE)
-    rt.applier.lane_deadline = 5.0
     await rt.applier.apply_ids([*ids, new])
     t = await tally(rt.store, rt.settings.pds_url, user.sub, user.did)
     assert not any(t.values()), figures(t)

@@ -79,12 +79,12 @@ def test_writes_of_unknown_existence_are_sent_alone_in_order() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.settings(lane_deadline=10.0)  # without the fix: 500s until here, then parked
 async def test_intents_a_crash_left_reach_the_real_pds(rt: Runtime, users: Users) -> None:
     """Against the reference PDS: a live mood and a nuked one, both `pending` at their derived
     rkeys and absent from the PDS (the crash came before the call), converge in one apply."""
     who = await users.make()
     assert who.did is not None
-    rt.applier.lane_deadline = 10.0  # without the fix: 500s until here, then parked
     live = await insert_mood(rt.store, who.sub, "still here", when=WHEN)
     gone = await insert_mood(rt.store, who.sub, "nuked meanwhile", when=WHEN, deleted=True)
     await rt.store.save_entries([

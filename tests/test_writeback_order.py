@@ -34,8 +34,8 @@ def _run_reconcile(kill_after: str, nth: int) -> tuple[World, ObjectId]:
     """One user with one new mood; its reconcile is killed right after the `nth` call of
     `kill_after`; then a new process retries what is due once the intent is stale."""
     logger.remove()
-    world = World(0, overrides={"pds_fault_rate": 0.0, "token_ttl": None})
-    world.scheduler.triggers = [Trigger("after", site=kill_after, nth=nth)]
+    world = World(0, overrides={"pds_fault_rate": 0.0, "token_ttl": None, "triggers": ()},
+                  crash_at=(Trigger("after", site=kill_after, nth=nth),))  # fmt: skip
     user = world.app.add_user(with_account=True)
     mood = world.app.object_id()
     world.mongo.insert("moods", {"_id": mood, "user": user.sub, "mood": "hi",

@@ -9,7 +9,17 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import BYPASS_ENV, MONGODB_SCHEMES, Settings, check_url, option_of
+from ..config import (
+    BYPASS_ENV,
+    MONGODB_SCHEMES,
+    NAME_OPTIONS,
+    Option,
+    Settings,
+    check_url,
+    option_of,
+    parse_list,
+    spelled,
+)
 from ..errors import ConfigError
 from ..recordtypes import RecordType, enabled
 from ..rollout import split_users
@@ -27,11 +37,19 @@ def setting_option(name: str) -> Callable[[F], F]:
     """The click option of a setting, built from its `config.Option` and its default: flags,
     variables, defaults and help are written once, in `config.Settings`."""
     spec, default = option_of(name)
+    return _option(spec, default, _PARAMS.get(spec.flag.split("/")[0], name))
+
+
+def _option(spec: Option, default: Any, param: str) -> Callable[[F], F]:
     kw: dict[str, Any] = {"help": spec.help, "show_default": True}
     if spec.env:
         kw |= {"envvar": spec.env, "show_envvar": True}
-    if spec.many:
-        kw |= {"multiple": True, "metavar": "SUB|@HANDLE", "show_default": False}
+    if spec.metavar:
+        kw |= {"metavar": spec.metavar}
+    if spec.required:  # checked by the command, which names the flag and the variable
+        kw |= {"show_default": False}
+    elif spec.many:
+        kw |= {"multiple": True, "show_default": False}
     elif isinstance(spec.kind, tuple):
         kw |= {"type": click.Choice(list(spec.kind)), "default": default}
     elif spec.kind is bool:
@@ -49,11 +67,15 @@ def setting_option(name: str) -> Callable[[F], F]:
             kind = click.FloatRange(low, high)
         kw |= {"type": kind, "default": default}
     elif isinstance(default, tuple):  # a comma list
-        kw |= {"default": ",".join(default), "metavar": "NAME[,NAME]"}
+        kw |= {"default": ",".join(default)}
     else:
         kw |= {"default": default}
-    param = _PARAMS.get(spec.flag.split("/")[0], name)
     return click.option(spec.flag, param, **kw)
+
+
+def collection_option(name: str) -> Callable[[F], F]:
+    """`--<name>-collection`: a collection's name (`config.NAME_OPTIONS`, `store.Names`)."""
+    return _option(NAME_OPTIONS[name], getattr(Names(), name), f"{name}_collection")
 
 
 def _apply(fn: F, options: list[Callable[[F], F]]) -> F:
@@ -64,24 +86,18 @@ def _apply(fn: F, options: list[Callable[[F], F]]) -> F:
 
 def mongo_options(fn: F) -> F:
     """Where the data lives, for every command; each flag also reads the app's own variable."""
-    names = Names()
     return _apply(fn, [
-        click.option("--mongodb-uri", envvar="MONGODB_CONNECTION_STRING", show_envvar=True,
-                     help="MongoDB connection string (a replica set: change streams need one)."),
+        setting_option("mongodb_uri"),
         setting_option("db_name"),
-        click.option("--moods-collection", envvar="REPLICATOR_MOODS_COLLECTION",
-                     show_envvar=True, default=names.moods, show_default=True),
-        click.option("--users-collection", envvar="REPLICATOR_USERS_COLLECTION",
-                     show_envvar=True, default=names.users, show_default=True),
-        click.option("--handles-collection", envvar="REPLICATOR_HANDLES_COLLECTION",
-                     show_envvar=True, default=names.handles, show_default=True),
+        collection_option("moods"),
+        collection_option("users"),
+        collection_option("handles"),
         setting_option("record_types"),
     ])  # fmt: skip
 
 
 def pds_option(fn: F) -> F:
-    return click.option("--pds-url", envvar="PDS_URL", show_envvar=True,
-                        help="Base URL of the PDS hosting the users' repos.")(fn)  # fmt: skip
+    return setting_option("pds_url")(fn)
 
 
 def connection_options(fn: F) -> F:
@@ -106,25 +122,31 @@ def index_option(fn: F) -> F:
     return setting_option("create_indexes")(fn)
 
 
+def _given(name: str) -> tuple[str | None, str]:
+    """A setting's variable and flag."""
+    spec = option_of(name)[0]
+    return spec.env, spec.flag
+
+
 def mongo_from(kw: dict[str, Any]) -> tuple[str, Names]:
     """The MongoDB URI (checked: scheme and host) and collection names, for the commands that
     need MongoDB alone (`status`, `dlq list`)."""
     uri = kw.get("mongodb_uri")
     if not uri:
-        raise ConfigError("set MONGODB_CONNECTION_STRING or --mongodb-uri")
-    check_url("MONGODB_CONNECTION_STRING (--mongodb-uri)", uri, MONGODB_SCHEMES)
+        raise ConfigError("set {} or {}".format(*_given("mongodb_uri")))
+    check_url(spelled("mongodb_uri"), uri, MONGODB_SCHEMES)
     return uri, Names(kw["moods_collection"], kw["users_collection"], kw["handles_collection"])
 
 
 def rtypes_from(kw: dict[str, Any]) -> tuple[RecordType, ...]:
     """`--record-types`, each a known type (else `ConfigError` naming the known ones)."""
-    return enabled(n.strip() for n in str(kw["record_types"]).split(",") if n.strip())
+    return enabled(parse_list(kw["record_types"]))
 
 
 def pds_url_from(kw: dict[str, Any]) -> str | None:
     """PDS_URL checked (scheme and host), or None when it is not set."""
     url = kw.get("pds_url")
-    return check_url("PDS_URL (--pds-url)", url) if url else None
+    return check_url(spelled("pds_url"), url) if url else None
 
 
 def settings_from(kw: dict[str, Any]) -> Settings:
@@ -134,13 +156,13 @@ def settings_from(kw: dict[str, Any]) -> Settings:
     uri, names = mongo_from(kw)
     pds_url = pds_url_from(kw)
     if not pds_url:
-        raise ConfigError("set PDS_URL or --pds-url")
+        raise ConfigError("set {} or {}".format(*_given("pds_url")))
     checked = {
         "rate_limit_bypass_key": os.environ.get(BYPASS_ENV) or None,
         "mongodb_uri": uri,
         "pds_url": pds_url,
         "names": names,
-        "plc_url": check_url("REPLICATOR_PLC_URL (--plc-url)", kw["plc_url"]),
+        "plc_url": check_url(spelled("plc_url"), kw["plc_url"]),
         "record_types": tuple(t.name for t in rtypes_from(kw)),
     }
     given = {f.name: kw[f.name] for f in fields(Settings) if f.name in kw}

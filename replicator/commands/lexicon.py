@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import click
 
-from replicator.config import BYPASS_ENV, check_url
+from replicator.config import BYPASS_ENV, Settings, check_url
 from replicator.errors import Rejected, TokenRejected
 from replicator.lexicon import (
     LEXICON_DIR,
@@ -312,7 +312,7 @@ class _LoginFailed(Exception):
 async def _publish_cli(
     pds_url: str, identifier: str, password: str, docs: list[dict[str, Any]], dry_run: bool
 ) -> list[Published]:
-    pds = Pds(pds_url, retry_timeout=PUBLISH_RETRY_TIMEOUT,
+    pds = Pds(pds_url, timeout=Settings.http_timeout, retry_timeout=PUBLISH_RETRY_TIMEOUT,
               bypass_key=os.environ.get(BYPASS_ENV) or None)  # fmt: skip
     try:
         return await publish_lexicons(pds, identifier, password, docs, dry_run=dry_run)

@@ -60,14 +60,21 @@ BY_NSID = {t.rtype.nsid: t for t in SIM_TYPES}
 
 
 class Safety:
-    def __init__(self, mongo: MongoState, pds: PdsState) -> None:
+    def __init__(
+        self,
+        mongo: MongoState,
+        pds: PdsState,
+        *,
+        erased: Callable[[], set[str]] = set,
+        accounts: Callable[[], dict[str, str]] = dict,
+    ) -> None:
         self.mongo = mongo
         self.pds = pds
         # (collection, ref) whose delete was applied while the document was dead
         self.banned: set[tuple[str, str]] = set()
         self.violations: list[str] = []
-        self.erased: Callable[[], set[str]] = set  # subs the app erased
-        self.accounts: Callable[[], dict[str, str]] = dict  # every DID → its user
+        self.erased = erased  # subs the app erased
+        self.accounts = accounts  # every DID → its user
 
     def on_mongo_write(
         self, collection: str, op: str, key: Any, before: Doc | None, after: Doc | None

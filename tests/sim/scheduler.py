@@ -100,14 +100,19 @@ class Clock:
 class Scheduler:
     """Counts steps, keeps the step log, fires crash triggers and the world's step hook."""
 
-    def __init__(self, clock: Clock, triggers: list[Trigger]) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        triggers: list[Trigger],
+        on_step: Callable[[int, str], None] = lambda step, site: None,
+    ) -> None:
         self.clock = clock
         self.triggers = list(triggers)
         self.step = 0
         self.log: list[str] = []
         self.crashed_at: list[tuple[str, Mode]] = []  # (site, mode) of every crash fired
         self.sites_called: set[str] = set()
-        self.on_step: Callable[[int, str], None] = lambda step, site: None
+        self.on_step = on_step
 
     def note(self, line: str) -> None:
         self.log.append(f"{self.step} {line}")

@@ -42,7 +42,7 @@ from replicator.writer import RepoWriter
 from .app import POSTS, App
 from .checks import SIM_TYPES, Safety, canonical, divergences, remembered
 from .fake_mongo import MongoState, position_of
-from .fake_pds import REFUSED, PdsState, pds_handler, plc_handler
+from .fake_pds import REFUSED, Applied, PdsState, Record, pds_handler, plc_handler
 from .fake_store import FakeStore
 from .loop import SimLoop
 from .scheduler import Clock, Crash, Mode, Process, Scheduler, Trigger
@@ -210,8 +210,8 @@ class World:
         root = random.Random(seed)
         self.seed = seed
         options = Options.draw(random.Random(root.getrandbits(64)))
-        self.options = replace(options, **(overrides or {}),
-                               triggers=crash_at + options.triggers)  # fmt: skip
+        options = replace(options, **(overrides or {}))
+        self.options = replace(options, triggers=crash_at + options.triggers)
         self.app_rng = random.Random(root.getrandbits(64))
         self.fault_rng = random.Random(root.getrandbits(64))
         self.world_rng = random.Random(root.getrandbits(64))
@@ -220,22 +220,21 @@ class World:
         if not overrides or "news" not in overrides:
             self.options = replace(self.options, news=news_rng.random() < 0.35)
         self.clock = Clock()
-        self.scheduler = Scheduler(self.clock, list(self.options.triggers))
-        self.scheduler.on_step = self._on_step
-        self.mongo = MongoState(self.clock, preimages=self.options.preimages)
-        self.pds = PdsState(
-            token_ttl=self.options.token_ttl, fault_rate=self.options.pds_fault_rate
+        self.scheduler = Scheduler(self.clock, list(self.options.triggers), self._on_step)
+        self.mongo = MongoState(
+            self.clock, preimages=self.options.preimages, on_write=self._on_mongo_write
         )
-        self.safety = Safety(self.mongo, self.pds)
+        self.pds = PdsState(token_ttl=self.options.token_ttl,
+                            fault_rate=self.options.pds_fault_rate,
+                            on_change=self._on_pds_change)  # fmt: skip
         self.history: dict[str, set[bytes]] = {}  # every record each mood has wanted
-        self.mongo.on_write = self._on_mongo_write
-        self.pds.on_change = self.safety.on_pds_change
         self.app = App(self.mongo, self.pds, self.app_rng, bad_docs=self.options.bad_docs,
                        deactivations=self.options.deactivations,
                        erasures=self.options.erasures,
                        news_rng=news_rng if self.options.news else None)  # fmt: skip
-        self.safety.erased = self.app.erased_subs
-        self.safety.accounts = self.app.dids
+        self.safety = Safety(
+            self.mongo, self.pds, erased=self.app.erased_subs, accounts=self.app.dids
+        )
         self.budget = self.options.mutations
         self.pending: Iterator[str] | None = None
         self.current: Incarnation | None = None
@@ -246,6 +245,9 @@ class World:
         self.gave_up = False
 
     # -- the world between steps -----------------------------------------------------------
+
+    def _on_pds_change(self, applied: Applied, record: Record | None) -> None:
+        self.safety.on_pds_change(applied, record)
 
     def _on_mongo_write(
         self, collection: str, op: str, key: Any, before: dict[str, Any] | None,
