@@ -149,6 +149,8 @@ class Applier:
         views = self.store.views
         reads = [await view.moods_of_users(subs) for view in views]
         ledgers = [await view.ledger_of_users(subs) for view in views]
+        for view, read, ledger in zip(views, reads, ledgers, strict=True):
+            await _ownerless_entries(view, read, ledger)
         accounts = await self.store.accounts(subs)
         # Whether the users without an account were erased: one query each for them all
         # (most users of a deployment may have no account), not several per user.
@@ -765,6 +767,25 @@ class _Record:
             done.append(mood)
         _count(outcome, replace(plan, moods=done), self.view.rtype, applied=True)
         return entries, writebacks
+
+
+async def _ownerless_entries(
+    view: CoreStore,
+    reads: Mapping[str, list[dict[str, Any]]],
+    ledgers: dict[str, dict[ObjectId, LedgerEntry]],
+) -> None:
+    """Adds to each user's ledger the entries of their documents that name no owner (a
+    skipped entry that holds nothing: `LedgerEntry.settled`), which a read by user misses:
+    one more query, for those documents only (none where every document has its entry)."""
+    missing = {
+        d["_id"]: sub
+        for sub, docs in reads.items()
+        for d in docs
+        if isinstance(d["_id"], ObjectId) and d["_id"] not in ledgers.get(sub, {})
+    }
+    if missing:
+        for doc_id, entry in (await view.ledger_by_id(list(missing))).items():
+            ledgers.setdefault(missing[doc_id], {})[doc_id] = entry
 
 
 def _as_erasure(plan: UserPlan) -> UserPlan:
