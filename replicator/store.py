@@ -736,7 +736,7 @@ class Store(TypeViews):
         databases of the server that have the first one missing."""
         if empty_ok:
             return
-        missing = [v.collection for v in self.views if not await v.docs_exist()]
+        missing = await self.missing_collections()
         if not missing:
             return
         elsewhere = await self._databases_with(missing[0])

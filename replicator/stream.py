@@ -283,7 +283,7 @@ class Replicator:
         if checkpoint.get("recovery"):
             return await self._recover(checkpoint["recovery"])
         if first and self.reset_position:
-            missing = [v.collection for v in self.store.views if not await v.docs_exist()]
+            missing = await self.store.missing_collections()
             if missing:
                 raise StreamInvalidated(
                     f"--reset-position: the collection {', '.join(map(repr, missing))} does "

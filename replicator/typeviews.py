@@ -30,3 +30,13 @@ class TypeViews:
     def views(self) -> list[Self]:
         """One view per record type mirrored (this one first)."""
         return [self.of(t) for t in self.rtypes]
+
+    collection: str
+
+    async def docs_exist(self) -> bool:
+        """This type's collection exists (the adapter asks its server)."""
+        raise NotImplementedError
+
+    async def missing_collections(self) -> list[str]:
+        """The collections of the types mirrored that do not exist."""
+        return [v.collection for v in self.views if not await v.docs_exist()]

@@ -28,16 +28,12 @@ from ..store import Names
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# The click parameter of each setting whose flag does not spell its name.
-_PARAMS = {"--db": "db_name", "--heartbeat": "heartbeat_seconds", "--only-user": "only_users",
-           "--account-recheck": "account_recheck_seconds"}  # fmt: skip
-
-
 def setting_option(name: str) -> Callable[[F], F]:
     """The click option of a setting, built from its `config.Option` and its default: flags,
-    variables, defaults and help are written once, in `config.Settings`."""
+    variables, defaults and help are written once, in `config.Settings`. The parameter is
+    the setting's own name, whatever its flag (`--heartbeat`: `heartbeat_seconds`)."""
     spec, default = option_of(name)
-    return _option(spec, default, _PARAMS.get(spec.flag.split("/")[0], name))
+    return _option(spec, default, name)
 
 
 def _option(spec: Option, default: Any, param: str) -> Callable[[F], F]:
